@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -27,12 +27,9 @@ class ParamsError(ValueError):
     """Invalid ``params.yaml``: the message names the key, the value and the fix."""
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
-    if default is dataclasses.MISSING and "default_factory" not in kwargs:
-        return field(metadata={"help": text}, **kwargs)
-    if default is dataclasses.MISSING:
-        return field(metadata={"help": text}, **kwargs)
-    return field(default=default, metadata={"help": text}, **kwargs)
+def _help(text: str, default: Any = dataclasses.MISSING) -> Any:
+    """Declare a field with its default and the help text that ``--describe`` prints."""
+    return field(default=default, metadata={"help": text})
 
 
 # --------------------------------------------------------------------------- sections
@@ -426,7 +423,7 @@ def describe() -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
         print("usage: python -m stages.config [params.yaml] [--describe]")

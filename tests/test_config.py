@@ -1,0 +1,108 @@
+"""params.yaml validation: unknown keys, wrong types and impossible combinations name the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.config import ParamsError, load_params, parse_params
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _params(**sections: dict) -> dict:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return raw
+
+
+def test_repo_params_valid() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert params.data.lang == "ko"
+    assert params.train.learning_rate == pytest.approx(1.0e-4)
+    assert isinstance(params.train.epochs, float)
+
+
+def test_defaults_match_params_yaml() -> None:
+    # params.yaml spells out every key, so the file and the dataclass defaults must agree.
+    from_file = load_params(REPO / "params.yaml")
+    assert from_file == parse_params({})
+
+
+def test_misspelt_key_names_it() -> None:
+    raw = _params(train={"epoch": 3})
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert "`train.epoch`" in str(err.value)
+    assert "`train.epochs`" in str(err.value)
+
+
+def test_unknown_section_rejected() -> None:
+    raw = _params()
+    raw["trian"] = {"epochs": 3}
+    with pytest.raises(ParamsError, match="Unknown section `trian`.*`train`"):
+        parse_params(raw)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "fragment"),
+    [
+        ("train", "epochs", "three", "expected a number"),
+        ("train", "learning_rate", "1e-4", "write `1.0e-4`"),
+        ("train", "lora_rank", 8.5, "expected a whole number"),
+        ("train", "freeze_vision_tower", "yes", "expected true or false"),
+        ("train", "precision", "fp8", "expected one of"),
+        ("data", "lang", "xx", "expected one of"),
+        ("download", "workers", 0, "must be >= 1"),
+        ("filter", "max_aspect", 250.0, "below 200"),
+        ("filter", "background", "white", "#rrggbb"),
+        ("split", "test_size", 0, "at least one test sample"),
+        ("split", "test_size", 2.5, "whole count"),
+        ("deploy", "port", 70000, "1-65535"),
+        ("base", "source", "ollama", "expected one of"),
+    ],
+)
+def test_bad_value_names_key(section: str, key: str, value: object, fragment: str) -> None:
+    with pytest.raises(ParamsError) as err:
+        parse_params(_params(**{section: {key: value}}))
+    message = str(err.value)
+    assert f"`{section}.{key}`" in message
+    assert fragment in message
+
+
+def test_cross_field_rules() -> None:
+    with pytest.raises(ParamsError, match="`base.revision`"):
+        parse_params(_params(base={"source": "modelscope", "revision": ""}))
+    with pytest.raises(ParamsError, match="`convert.image_max_pixels`"):
+        parse_params(_params(convert={"image_max_pixels": 1000, "image_min_pixels": 4096}))
+    with pytest.raises(ParamsError, match="`deploy.ascend_workarounds`"):
+        parse_params(_params(deploy={"ascend_workarounds": True, "device": "CPU"}))
+    with pytest.raises(ParamsError, match="`split.test_size` \\+ `split.train_size`"):
+        parse_params(_params(split={"test_size": 0.6, "train_size": 0.6}))
+
+
+def test_cli_reports_file_and_key(tmp_path: Path) -> None:
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(_params(train={"epoch": 3})), encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.config", str(bad)], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert str(bad) in result.stderr
+    assert "`train.epoch`" in result.stderr
+
+
+def test_cli_missing_file(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.config", str(tmp_path / "none.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "file not found" in result.stderr
