@@ -19,3 +19,11 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random Qwen2-VL checkpoint (``stages.base.build_tiny_model``, seed 0), built once; treat it as read-only."""
+    from stages.base import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model") / "base", seed=0)
