@@ -1,0 +1,442 @@
+"""Decode every downloaded image, normalise it to 8-bit RGB JPEG, and drop what training cannot use.
+
+Run from the repository root (reads ``params.yaml``, section ``filter``)::
+
+    python -m stages.filter data/downloaded data/filtered
+
+Input is the download stage's output: ``shard-NNNNN.tar`` (members named by
+the sha256 of the fetched bytes) and ``shard-NNNNN.jsonl`` (one line per
+input record). Only records with status ``ok`` are read. Output:
+
+- ``part-NNNNN.parquet``, one per input shard, in input order: ``line``,
+  ``img_id``, ``caption``, ``lang``, ``categories`` (JSON), ``image`` (8-bit
+  RGB JPEG), ``width``, ``height``, ``sha256`` (of the downloaded bytes);
+- ``manifest.jsonl``: one line per ``ok`` input record (``line``,
+  ``img_id``, ``status``, ``reason``, ``detail``);
+- ``metrics/filter.json``: kept and dropped counts by reason.
+
+Each image is fully decoded with ``load()``, so truncated files fail here
+and not in the middle of training. It is then rotated by its EXIF
+orientation and converted to RGB. Alpha is composited on
+``filter.background``, 16-bit and float data are rescaled to 0-255, and
+animated images keep their first frame.
+A baseline 8-bit RGB JPEG without an orientation tag is kept byte for byte;
+everything else is re-encoded at ``filter.jpeg_quality``. Exact duplicates
+(same sha256) keep their first occurrence in input order.
+
+Decoding runs in ``filter.workers`` processes. Results are collected in
+submission order and at most a few tasks per worker are in flight, so the
+output is the same for any worker count and memory does not grow with the
+corpus.
+
+Not covered: ICC colour profiles are not applied (pixels are kept in
+whatever colour space the file uses, and the profile is not copied into
+re-encoded files); near-duplicates (resized or re-encoded copies of the
+same photo) are not detected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import io
+import json
+import os
+import sys
+import tarfile
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from stages.common import DropCounter, RateLogger, StageError, atomic_path, get_logger, write_json
+from stages.config import FilterParams, ParamsError, load_params
+from stages.parts import PartWriter
+
+log = get_logger(__name__)
+
+# Drop reasons written to the manifest and to metrics/filter.json.
+EMPTY = "empty file"
+NOT_IMAGE = "not an image"
+TRUNCATED = "truncated"
+DECODE_ERROR = "decode error"
+UNSUPPORTED_MODE = "unsupported mode"
+TOO_MANY_PIXELS = "too many pixels"
+TOO_SMALL = "too small"
+ASPECT_RATIO = "aspect ratio"
+DUPLICATE = "duplicate"
+
+SCHEMA = pa.schema(
+    [
+        ("line", pa.int64()),
+        ("img_id", pa.string()),
+        ("caption", pa.string()),
+        ("lang", pa.string()),
+        ("categories", pa.string()),
+        ("image", pa.binary()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("sha256", pa.string()),
+    ]
+)
+# Decoding tasks in flight per worker process: enough to keep every worker
+# busy while the main process reads the tar, few enough to keep memory flat.
+TASKS_PER_WORKER = 4
+
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+# --------------------------------------------------------------------------- one image
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """Outcome of :func:`normalise_image`: a JPEG and its size, or a drop reason."""
+
+    sha256: str
+    reason: str | None = None
+    detail: str | None = None
+    jpeg: bytes | None = None
+    width: int = 0
+    height: int = 0
+    reencoded: bool = False
+
+
+def normalise_image(data: bytes, params: FilterParams) -> ImageResult:
+    """Decode ``data`` and return it as an 8-bit RGB JPEG, or the reason it is dropped.
+
+    Any exception from a bad file becomes a ``decode error`` result, because
+    Pillow's format plugins raise many exception types on malformed input and
+    one bad image must not stop the stage. Only MemoryError propagates.
+    """
+    sha256 = hashlib.sha256(data).hexdigest()
+    if not data:
+        return ImageResult(sha256, EMPTY)
+
+    # Pillow warns above MAX_IMAGE_PIXELS and raises DecompressionBombError
+    # (not an OSError) above twice that, for some formats already in open().
+    # The header check below drops everything above max_pixels explicitly.
+    Image.MAX_IMAGE_PIXELS = params.max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return _normalise(data, sha256, params)
+    except Image.DecompressionBombError as exc:
+        return ImageResult(sha256, TOO_MANY_PIXELS, str(exc))
+    except UnidentifiedImageError:
+        return ImageResult(sha256, NOT_IMAGE, f"content starts with {data[:32]!r}")
+    except MemoryError:
+        raise
+    except OSError as exc:
+        # Pillow reports a cut-off file as "image file is truncated" or
+        # "Truncated File Read", depending on the format.
+        reason = TRUNCATED if "truncated" in str(exc).lower() else DECODE_ERROR
+        return ImageResult(sha256, reason, f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        return ImageResult(sha256, DECODE_ERROR, f"{type(exc).__name__}: {exc}")
+
+
+def _normalise(data: bytes, sha256: str, params: FilterParams) -> ImageResult:
+    with Image.open(io.BytesIO(data)) as image:
+        # open() reads only the header, so these checks cost no decoding.
+        width, height = image.size
+        if width * height > params.max_pixels:
+            return ImageResult(sha256, TOO_MANY_PIXELS, f"{width}x{height} > filter.max_pixels {params.max_pixels}")
+        if min(width, height) < params.min_side:
+            return ImageResult(sha256, TOO_SMALL, f"{width}x{height}, filter.min_side {params.min_side}")
+        aspect = max(width, height) / min(width, height)
+        if aspect > params.max_aspect:
+            return ImageResult(sha256, ASPECT_RATIO, f"{width}x{height}, {aspect:.1f} > filter.max_aspect")
+
+        # An animated image stays on its first frame, which load() decodes in full.
+        image.load()
+        orientation = image.getexif().get(ExifTags.Base.Orientation)
+        if _is_clean_jpeg(image, orientation):
+            return ImageResult(sha256, jpeg=data, width=width, height=height)
+
+        upright = ImageOps.exif_transpose(image)
+
+    try:
+        rgb = to_rgb(upright, params.background)
+    except ValueError as exc:
+        return ImageResult(sha256, UNSUPPORTED_MODE, f"mode {upright.mode}: {exc}")
+    buffer = io.BytesIO()
+    rgb.save(buffer, "JPEG", quality=params.jpeg_quality)
+    return ImageResult(sha256, jpeg=buffer.getvalue(), width=rgb.width, height=rgb.height, reencoded=True)
+
+
+def _is_clean_jpeg(image: Image.Image, orientation: int | None) -> bool:
+    """Tell whether the file can be kept byte for byte: baseline 8-bit RGB JPEG, upright."""
+    return (
+        image.format == "JPEG"
+        and image.mode == "RGB"
+        and orientation in (None, 1)
+        and "progressive" not in image.info
+        and "progression" not in image.info
+    )
+
+
+def to_rgb(image: Image.Image, background: str) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; raise ValueError for a mode Pillow cannot convert.
+
+    Transparent pixels are composited on ``background`` (#rrggbb) instead of
+    being dropped, which would turn them black or into the hidden colour.
+    """
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        image = rescale_to_8bit(image)
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, _hex_colour(background) + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if image.mode != "RGB":
+        return image.convert("RGB")
+    return image
+
+
+def rescale_to_8bit(image: Image.Image) -> Image.Image:
+    """Map 16-bit, 32-bit integer or float grey levels to an 8-bit ``L`` image.
+
+    Pillow's ``convert`` clips these to 0-255, so 16-bit photos turn white and
+    0-1 float images black. 16-bit data is scaled from its nominal 0-65535
+    range, which keeps the exposure; float data in 0-1 is scaled from 0-1.
+    Other ``I`` and ``F`` data is stretched from its own minimum to maximum
+    (non-finite values take the nearest end), because no nominal range exists.
+    """
+    values = np.asarray(image).astype(np.float64)
+    finite = values[np.isfinite(values)]
+    if image.mode in _SIXTEEN_BIT_MODES:
+        low, high = 0.0, 65535.0
+    elif finite.size == 0:
+        low, high = 0.0, 1.0
+    elif image.mode == "I" and finite.min() >= 0 and finite.max() <= 65535:
+        low, high = 0.0, 65535.0
+    elif image.mode == "F" and finite.min() >= 0 and finite.max() <= 1:
+        low, high = 0.0, 1.0
+    else:
+        low, high = float(finite.min()), float(finite.max())
+
+    values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+    span = high - low
+    scaled = (values - low) * (255.0 / span) if span > 0 else np.zeros_like(values)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+
+
+def _hex_colour(value: str) -> tuple[int, int, int]:
+    return int(value[1:3], 16), int(value[3:5], 16), int(value[5:7], 16)
+
+
+# --------------------------------------------------------------------------- input shards
+
+
+@dataclass
+class Task:
+    """One ``ok`` input record with its downloaded bytes (``None`` once submitted)."""
+
+    shard: int
+    record: dict[str, Any]
+    data: bytes | None
+
+
+def list_shards(in_dir: Path) -> list[tuple[int, Path, Path]]:
+    """Return ``(index, manifest, tar)`` for every download shard, in shard order."""
+    if not in_dir.is_dir():
+        raise StageError(f"{in_dir}: input folder not found; run the download stage first (dvc repro download).")
+    shards = []
+    for manifest in sorted(in_dir.glob("shard-*.jsonl")):
+        stem = manifest.stem
+        try:
+            index = int(stem.split("-", 1)[1])
+        except ValueError:
+            raise StageError(f"{manifest}: unexpected file name; expected shard-NNNNN.jsonl.") from None
+        shards.append((index, manifest, manifest.with_suffix(".tar")))
+    if not shards:
+        raise StageError(f"{in_dir}: no shard-*.jsonl found; run the download stage first (dvc repro download).")
+    return shards
+
+
+def read_manifest(path: Path) -> list[dict[str, Any]]:
+    """Read a download shard manifest; raise StageError naming the file and line on bad JSON."""
+    records = []
+    with path.open(encoding="utf-8") as lines:
+        for number, text in enumerate(lines, 1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise StageError(f"{path}:{number}: invalid JSON ({exc}); rerun the download stage.") from None
+            if record.get("status") == "ok" and not record.get("member"):
+                raise StageError(f"{path}:{number}: status ok but no `member`; rerun the download stage.")
+            records.append(record)
+    return records
+
+
+def iter_tasks(shards: list[tuple[int, Path, Path]]) -> Iterator[Task]:
+    """Yield every ``ok`` record with its bytes, reading one tar at a time."""
+    for index, manifest, tar_path in shards:
+        records = [r for r in read_manifest(manifest) if r.get("status") == "ok"]
+        if not records:
+            continue
+        if not tar_path.is_file():
+            raise StageError(f"{tar_path}: not found but {manifest} lists ok records; rerun the download stage.")
+        with tarfile.open(tar_path, "r:") as tar:
+            members = {member.name: member for member in tar.getmembers()}
+            for record in records:
+                member = members.get(record["member"])
+                if member is None:
+                    raise StageError(
+                        f"{tar_path}: member {record['member']} of line {record.get('line')} not found; "
+                        "the shard is incomplete, delete it and rerun the download stage."
+                    )
+                extracted = tar.extractfile(member)
+                data = extracted.read() if extracted is not None else b""
+                yield Task(index, record, data)
+
+
+def count_ok_records(shards: list[tuple[int, Path, Path]]) -> int:
+    return sum(1 for _, manifest, _ in shards for r in read_manifest(manifest) if r.get("status") == "ok")
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _output_row(record: dict[str, Any], result: ImageResult) -> dict[str, Any]:
+    return {
+        "line": record.get("line"),
+        "img_id": record.get("img_id"),
+        "caption": record.get("caption"),
+        "lang": record.get("lang"),
+        "categories": json.dumps(record.get("categories") or {}, ensure_ascii=False, sort_keys=True),
+        "image": result.jpeg,
+        "width": result.width,
+        "height": result.height,
+        "sha256": result.sha256,
+    }
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def resolve_workers(workers: int) -> int:
+    """Return the process count for ``filter.workers`` (0 = the CPUs this process may use)."""
+    if workers > 0:
+        return workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _ordered_results(
+    tasks: Iterator[Task], params: FilterParams, workers: int
+) -> Iterator[tuple[Task, ImageResult]]:
+    """Yield ``(task, result)`` in input order; duplicates are decided here, before decoding."""
+    first_line: dict[str, Any] = {}
+
+    def duplicate_of(task: Task) -> ImageResult | None:
+        sha256 = task.record.get("sha256") or task.record["member"]
+        if sha256 in first_line:
+            return ImageResult(sha256, DUPLICATE, f"same bytes as line {first_line[sha256]}")
+        first_line[sha256] = task.record.get("line")
+        return None
+
+    if workers == 1:
+        for task in tasks:
+            result = duplicate_of(task) or normalise_image(task.data or b"", params)
+            task.data = None
+            yield task, result
+        return
+
+    pending: collections.deque[tuple[Task, Future | ImageResult]] = collections.deque()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        for task in tasks:
+            duplicate = duplicate_of(task)
+            pending.append((task, duplicate or pool.submit(normalise_image, task.data or b"", params)))
+            task.data = None
+            if len(pending) >= workers * TASKS_PER_WORKER:
+                yield _pop_result(pending)
+        while pending:
+            yield _pop_result(pending)
+
+
+def _pop_result(pending: collections.deque) -> tuple[Task, ImageResult]:
+    task, outcome = pending.popleft()
+    return task, outcome if isinstance(outcome, ImageResult) else outcome.result()
+
+
+def run_filter(in_dir: str | Path, out_dir: str | Path, params: FilterParams, metrics_path: str | Path) -> DropCounter:
+    """Filter every ``ok`` record of the download shards in ``in_dir`` into ``out_dir``."""
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    shards = list_shards(in_dir)
+    total = count_ok_records(shards)
+    workers = resolve_workers(params.workers)
+    log.info("filter: %d ok records in %d shards, %d worker process(es)", total, len(shards), workers)
+
+    counter = DropCounter()
+    reencoded = 0
+    progress = RateLogger(log, "filter", total=total)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        parts = {index: PartWriter(tmp / f"part-{index:05d}.parquet", SCHEMA) for index, _, _ in shards}
+        last_shard: int | None = None
+        with (tmp / "manifest.jsonl").open("w", encoding="utf-8") as manifest:
+            for done, (task, result) in enumerate(_ordered_results(iter_tasks(shards), params, workers), 1):
+                record = task.record
+                if result.sha256 != (record.get("sha256") or result.sha256):
+                    raise StageError(
+                        f"{in_dir}: line {record.get('line')}: the tar member's sha256 is {result.sha256}, the "
+                        f"manifest says {record.get('sha256')}; the shard is corrupt, delete it and rerun download."
+                    )
+                if task.shard != last_shard and last_shard is not None:
+                    parts[last_shard].close()
+                last_shard = task.shard
+                if result.reason is None:
+                    counter.keep()
+                    reencoded += result.reencoded
+                    parts[task.shard].add(_output_row(record, result))
+                else:
+                    counter.drop(result.reason)
+                entry = {
+                    "line": record.get("line"),
+                    "img_id": record.get("img_id"),
+                    "status": "ok" if result.reason is None else "dropped",
+                    "reason": result.reason,
+                    "detail": result.detail,
+                }
+                manifest.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                progress.update(done, counter)
+        for part in parts.values():
+            part.close()
+    progress.update(counter.total, counter, force=True)
+
+    metrics = counter.metrics()
+    metrics["reencoded"] = reencoded
+    write_json(metrics_path, metrics)
+    counter.check_error_rate(params.max_error_rate, "filter", out_dir / "manifest.jsonl")
+    return counter
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.filter", description=__doc__.splitlines()[0])
+    parser.add_argument("input", type=Path, help="download output folder (shard-NNNNN.tar + .jsonl)")
+    parser.add_argument("output", type=Path, help="folder to write part-NNNNN.parquet and manifest.jsonl to")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--metrics", default="metrics/filter.json", help="metrics file (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params).filter
+        run_filter(args.input, args.output, params, args.metrics)
+    except (ParamsError, StageError) as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
