@@ -2,7 +2,9 @@
 
 Token counts are checked against LLaMA-Factory 0.9.5's own preprocessing of
 the real image bytes, on the tiny random Qwen2-VL that ``stages.base``
-builds offline.
+builds offline. The last test runs filter, convert and split on a generated
+corpus and loads the result with ``llamafactory.data.get_dataset``, the
+loader training uses.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pytest
 from PIL import Image
 
 from stages.common import StageError
-from stages.config import LANGUAGES, ConvertParams
+from stages.config import LANGUAGES, ConvertParams, FilterParams, SplitParams
 from stages.convert import clean_caption, main, run_convert
 from stages.filter import SCHEMA as FILTERED_SCHEMA
 from stages.prompts import PROMPTS, choose_prompt
@@ -313,3 +315,65 @@ def test_prompt_choice_fixed_by_seed() -> None:
 def test_prompt_unknown_language_raises() -> None:
     with pytest.raises(KeyError, match="no prompts for language 'xx'"):
         choose_prompt("xx", "id", 0)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_llamafactory_loads_split_dataset(tmp_path: Path, base_model: Path) -> None:
+    """Run filter, convert and split on a generated corpus and load train and test with LLaMA-Factory."""
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_tokenizer
+
+    from stages.filter import run_filter
+    from stages.split import run_split
+    from tests.test_filter import CASES, download_record, write_shard
+
+    images = [data for _, data, reason, _, _ in CASES if reason is None]
+    images += [jpeg((300 + 10 * i, 200), i) for i in range(6)]
+    records = [(download_record(i, data, f"캡션 번호 {i}"), data) for i, data in enumerate(images, 1)]
+    write_shard(tmp_path / "downloaded", 0, records)
+    run_filter(tmp_path / "downloaded", tmp_path / "filtered", FilterParams(workers=1), tmp_path / "filter.json")
+    convert_params = ConvertParams()
+    run_convert(
+        tmp_path / "filtered", tmp_path / "converted", base_model, convert_params, "ko", TEMPLATE,
+        tmp_path / "convert.json",
+    )
+    run_split(tmp_path / "converted", tmp_path / "dataset", SplitParams(test_size=3), 4, tmp_path / "split.json")
+
+    expected: dict[str, list[int]] = {}
+    for name in ("train", "test"):
+        rows = []
+        for part in sorted((tmp_path / "dataset" / name).glob("part-*.parquet")):
+            rows.extend(pq.read_table(part, columns=["tokens"]).to_pylist())
+        expected[name] = [row["tokens"] for row in rows]
+    assert len(expected["test"]) == 3
+    assert len(expected["train"]) == len(images) - 3
+
+    model_args, data_args, training_args, _, _ = get_train_args(
+        {
+            "model_name_or_path": str(base_model),
+            "stage": "sft",
+            "do_train": True,
+            "finetuning_type": "lora",
+            "template": TEMPLATE,
+            "dataset": "silu_train",
+            "eval_dataset": "silu_test",
+            "dataset_dir": str(tmp_path / "dataset"),
+            "cutoff_len": convert_params.cutoff_len,
+            "image_max_pixels": convert_params.image_max_pixels,
+            "image_min_pixels": convert_params.image_min_pixels,
+            "output_dir": str(tmp_path / "train"),
+            "cache_dir": str(tmp_path / "hf-cache"),
+            "report_to": "none",
+        }
+    )
+    tokenizer_module = load_tokenizer(model_args)
+    template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+    datasets = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
+
+    # LLaMA-Factory reads a folder's files in os.listdir order, so the parts
+    # (4 rows each here) come back in arbitrary order: compare sorted lengths.
+    assert sorted(len(ids) for ids in datasets["train_dataset"]["input_ids"]) == sorted(expected["train"])
+    assert sorted(len(ids) for ids in datasets["eval_dataset"]["input_ids"]) == sorted(expected["test"])
