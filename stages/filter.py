@@ -48,6 +48,7 @@ import tarfile
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -367,7 +368,16 @@ def _ordered_results(
 
 def _pop_result(pending: collections.deque) -> tuple[Task, ImageResult]:
     task, outcome = pending.popleft()
-    return task, outcome if isinstance(outcome, ImageResult) else outcome.result()
+    if isinstance(outcome, ImageResult):
+        return task, outcome
+    try:
+        return task, outcome.result()
+    except BrokenProcessPool as exc:
+        raise StageError(
+            f"filter: a decoding process died at or near line {task.record.get('line')} ({exc}); it was killed "
+            "for memory or crashed inside an image decoder. Lower filter.workers or filter.max_pixels, and look "
+            "for that record in the download manifests."
+        ) from exc
 
 
 def run_filter(in_dir: str | Path, out_dir: str | Path, params: FilterParams, metrics_path: str | Path) -> DropCounter:

@@ -13,6 +13,9 @@ import json
 import struct
 import tarfile
 import zlib
+from collections import deque
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from PIL import Image
 
 from stages.common import StageError
 from stages.config import FilterParams
-from stages.filter import main, rescale_to_8bit, run_filter, to_rgb
+from stages.filter import Task, _pop_result, main, rescale_to_8bit, run_filter, to_rgb
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
 
@@ -376,3 +379,11 @@ def test_rescale_32_bit_int_beyond_16_bit() -> None:
 def test_to_rgb_composites_on_background() -> None:
     image = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
     assert to_rgb(image, "#102030").getpixel((0, 0)) == (16, 32, 48)
+
+
+def test_dead_worker_raises_stage_error() -> None:
+    future: Future = Future()
+    future.set_exception(BrokenProcessPool("a child process terminated abruptly"))
+    pending = deque([(Task(0, {"line": 7}, None), future)])
+    with pytest.raises(StageError, match="a decoding process died at or near line 7"):
+        _pop_result(pending)
