@@ -26,6 +26,7 @@ only their error path is. Other developers' tests import
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import shutil
@@ -373,13 +374,12 @@ def materialise(params: BaseParams, out_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) not in (1, 2) or argv[0] in ("-h", "--help"):
-        print("usage: python -m stages.base OUT_DIR [params.yaml]", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="python -m stages.base", description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="base model output folder")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
     try:
-        params = load_params(argv[1] if len(argv) > 1 else "params.yaml")
-        materialise(params.base, argv[0])
+        materialise(load_params(args.params).base, args.out)
     except (ParamsError, StageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -53,7 +53,7 @@ def test_tiny_rebuild_byte_identical(tmp_path: Path) -> None:
     params = _write_params(tmp_path / "params.yaml", "base:\n  source: tiny\n  tiny_seed: 3\n")
     out = tmp_path / "models" / "base"
     subprocess.run(
-        [sys.executable, "-m", "stages.base", str(out), str(params)], cwd=REPO, check=True, capture_output=True
+        [sys.executable, "-m", "stages.base", str(out), "--params", str(params)], cwd=REPO, check=True, capture_output=True
     )
     again = base.build_tiny_model(tmp_path / "again", seed=3)
 
@@ -134,7 +134,7 @@ def test_huggingface_offline_error(tmp_path: Path, loopback_only: list[str]) -> 
     )
     out = tmp_path / "base"
 
-    code = base.main([str(out), str(params_file)])
+    code = base.main([str(out), "--params", str(params_file)])
 
     assert code == 1
     with pytest.raises(StageError, match=r"huggingface \(Qwen/Qwen2-VL-2B-Instruct@895c3a4.*download failed"):
