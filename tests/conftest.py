@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Model-stage fixtures (tiny dataset, trained adapter, merged model), shared across test files.
+from tests.model_fixtures import merged_model_dir, tiny_dataset_dir, trained_adapter_dir  # noqa: F401
+
 REPO = Path(__file__).resolve().parent.parent
 
 
