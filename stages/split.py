@@ -186,12 +186,17 @@ def run_split(
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     parts = list_parts(in_dir / "samples", "convert")
 
-    # First pass: only the keys, so memory stays small; second pass: whole rows.
-    keys = list(iter_rows(parts, ["sha256", "caption"]))
-    plan = plan_split([row["sha256"] for row in keys], [row["caption"] for row in keys], params)
+    # The first pass reads only the two key columns, so memory stays small.
+    # The second pass below streams whole rows into train and test.
+    sha256s: list[str] = []
+    captions: list[str] = []
+    for row in iter_rows(parts, ["sha256", "caption"]):
+        sha256s.append(row["sha256"])
+        captions.append(row["caption"])
+    plan = plan_split(sha256s, captions, params)
     log.info(
         "split: %d samples in %d groups -> train %d, test %d, unused %d",
-        len(keys), plan.groups, plan.counts[TRAIN], plan.counts[TEST], plan.counts[UNUSED],
+        len(sha256s), plan.groups, plan.counts[TRAIN], plan.counts[TEST], plan.counts[UNUSED],
     )
 
     schema = pq.read_schema(parts[0])
@@ -212,7 +217,7 @@ def run_split(
     write_json(
         metrics_path,
         {
-            "records": len(keys),
+            "records": len(sha256s),
             "train": plan.counts[TRAIN],
             "test": plan.counts[TEST],
             "unused": plan.counts[UNUSED],

@@ -23,6 +23,10 @@ expanded to one image token, then the true number is added, because
 decoding and preprocessing every image costs about 0.1 s per 1000x700
 photo on one CPU core. ``tests/test_convert.py`` checks the result against
 LLaMA-Factory's full path with real images.
+
+NOTE: ``_encode_data_example`` and ``_preprocess_image`` are private
+methods of llamafactory 0.9.5. Rerun ``tests/test_convert.py`` after any
+LLaMA-Factory upgrade, because they may change without notice.
 """
 
 from __future__ import annotations
