@@ -29,10 +29,10 @@ submission order and at most a few tasks per worker are in flight, so the
 output is the same for any worker count and memory does not grow with the
 corpus.
 
-Not covered: ICC colour profiles are not applied (pixels are kept in
-whatever colour space the file uses, and the profile is not copied into
-re-encoded files); near-duplicates (resized or re-encoded copies of the
-same photo) are not detected.
+Not covered: ICC colour profiles are not applied. Pixels stay in whatever
+colour space the file uses, and re-encoded files lose the profile.
+Near-duplicates, such as resized or re-encoded copies of one photo, are
+not detected.
 """
 
 from __future__ import annotations
