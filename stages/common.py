@@ -25,6 +25,10 @@ def get_logger(name: str) -> logging.Logger:
         root.addHandler(handler)
         root.setLevel(os.environ.get("SILU_LOG_LEVEL", "INFO").upper())
         root.propagate = False
+    if name == "__main__":
+        # Under `python -m stages.filter` the module is `__main__`; log it under its real name.
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        name = spec.name if spec is not None else "main"
     return logging.getLogger(name if name.startswith("stages") else f"stages.{name}")
 
 
