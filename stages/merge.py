@@ -63,13 +63,13 @@ def build_config(params: Params, base_dir: Path, adapter_dir: Path, export_dir: 
 
 def merge(params: Params, base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Merge ``adapter_dir`` into ``base_dir`` and write the checkpoint to ``out_dir``, atomically."""
-    from llamafactory.train.tuner import export_model
-
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
     if not (base_dir / "config.json").is_file():
         raise StageError(f"{base_dir}/config.json not found; run the base stage first (dvc repro base).")
     if not (adapter_dir / "adapter_config.json").is_file():
         raise StageError(f"{adapter_dir}/adapter_config.json not found; run the train stage first (dvc repro train).")
+    from llamafactory.train.tuner import export_model
+
     with atomic_path(out_dir) as tmp:
         config = build_config(params, base_dir, adapter_dir, tmp)
         log.info(

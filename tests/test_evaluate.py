@@ -45,6 +45,7 @@ def test_score_rejects_mismatched_lengths() -> None:
         evaluate.score(["a", "b"], ["a"])
 
 
+@pytest.mark.slow
 def test_evaluate_stage_outputs(tmp_path: Path, tiny_model_dir: Path, tiny_dataset_dir: Path, merged_model_dir: Path) -> None:
     params = write_params(tmp_path / "params.yaml", evaluate={"max_samples": 3, "batch_size": 2, "max_new_tokens": 8})
     out, metrics_path = tmp_path / "eval", tmp_path / "metrics" / "evaluate.json"
@@ -78,6 +79,7 @@ def test_evaluate_stage_outputs(tmp_path: Path, tiny_model_dir: Path, tiny_datas
     assert f"output_dir: {out / 'merged'}" in ran
 
 
+@pytest.mark.slow
 def test_evaluate_without_base(tmp_path: Path, tiny_model_dir: Path, tiny_dataset_dir: Path, merged_model_dir: Path) -> None:
     params = write_params(tmp_path / "params.yaml", evaluate={"max_samples": 1, "max_new_tokens": 4, "score_base": False})
     out, metrics_path = tmp_path / "eval", tmp_path / "evaluate.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from stages import merge
@@ -24,6 +25,7 @@ def _generate(model, processor, max_new_tokens: int = 12):
     return output[0, inputs["input_ids"].shape[1] :].tolist(), logits
 
 
+@pytest.mark.slow
 def test_merged_generates_like_base_plus_adapter(
     tiny_model_dir: Path, trained_adapter_dir: Path, merged_model_dir: Path
 ) -> None:
@@ -47,6 +49,7 @@ def test_merged_generates_like_base_plus_adapter(
     assert not torch.allclose(base_logits, adapter_logits, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_merged_checkpoint_layout(merged_model_dir: Path) -> None:
     names = {p.name for p in merged_model_dir.iterdir()}
 

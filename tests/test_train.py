@@ -28,6 +28,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_adapter_config_and_metrics(trained_adapter_dir: Path) -> None:
     metrics_dir = trained_adapter_dir.parent / "metrics"
 
