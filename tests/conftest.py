@@ -12,6 +12,9 @@ from tests.model_fixtures import merged_model_dir, tiny_dataset_dir, trained_ada
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The loopback HTTP and HTTPS server fixtures of tests/conftest_http.py, for the download tests.
+pytest_plugins = ["tests.conftest_http"]
+
 
 @pytest.fixture(autouse=True)
 def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
