@@ -1,0 +1,595 @@
+"""Tests for stages.download against the loopback server of tests/http_server.py.
+
+No test leaves 127.0.0.1. Timeouts are scaled down (read 0.3 s, deadline
+1.5 s), so each fault case costs at most about one deadline.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import urllib3
+import yaml
+
+from stages import download, fetch
+from stages.common import StageError
+from stages.config import Params, parse_params
+from stages.download import run
+from stages.fetch import Target, resolve_target, sniff_image
+from tests.http_server import JPEG, PNG, LoopbackServer, make_image
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "data" / "sample"
+
+FAST = {
+    "workers": 8,
+    "connect_timeout": 0.5,
+    "read_timeout": 0.3,
+    "deadline": 1.5,
+    "max_bytes": 200_000,
+    "max_redirects": 5,
+    "retries": 2,
+    "backoff": 0.01,
+    "shard_size": 100,
+}
+
+
+def make_params(image_root: str = "", limit: int = 0, **download_params: Any) -> Params:
+    return parse_params({
+        "data": {"lang": "ko", "source": "unused.jsonl", "image_root": image_root, "limit": limit},
+        "download": {**FAST, **download_params},
+    })
+
+
+def record(index: int, path: str, caption: str | None = None) -> dict[str, Any]:
+    return {
+        "img_id": hashlib.sha256(f"test-{index}".encode()).hexdigest(),
+        "image": {"path": path, "resolution": [64, 48], "size": 1.0, "format": "JPEG"},
+        "captions": {"content": caption or f"테스트 그림 {index}", "lang": "ko"},
+        "labels": {"pjwk_cates": {"level1": ["艺术类"], "level2": ["抽象图形"]}},
+    }
+
+
+def write_source(path: Path, paths: list[str]) -> Path:
+    lines = [json.dumps(record(i, image_path), ensure_ascii=False) for i, image_path in enumerate(paths)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def read_manifests(out_dir: Path) -> list[dict[str, Any]]:
+    entries = []
+    for manifest in sorted(out_dir.glob("shard-*.jsonl")):
+        entries += [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()]
+    return entries
+
+
+def tar_members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {member.name: tar.extractfile(member).read() for member in tar}  # type: ignore[union-attr]
+
+
+def download_urls(tmp_path: Path, paths: list[str], **download_params: Any) -> list[dict[str, Any]]:
+    source = write_source(tmp_path / "source.jsonl", paths)
+    run(source, tmp_path / "out", make_params(**download_params), tmp_path / "metrics.json")
+    return read_manifests(tmp_path / "out")
+
+
+# --------------------------------------------------------------------------- fault table
+
+# path on the loopback server -> (status, reason, requests made for that path)
+CASES: dict[str, tuple[str, str | None, int]] = {
+    "/img/red.jpg": ("ok", None, 1),
+    "/img/blue.png?size=large&v=2": ("ok", None, 1),
+    "/status/404": ("dropped", "http 404", 1),
+    "/status/403": ("dropped", "http 403", 1),
+    "/status/410": ("dropped", "http 410", 1),
+    "/status/400": ("dropped", "http 4xx", 1),
+    "/status/500": ("dropped", "http 5xx", 3),
+    "/status/503": ("dropped", "http 5xx", 3),
+    "/flaky/2/a": ("ok", None, 3),
+    "/retry-after/a": ("ok", None, 2),
+    "/html": ("dropped", "not an image", 1),
+    "/slow-headers?delay=1": ("dropped", "timeout", 3),
+    "/drip?interval=0.05": ("dropped", "timeout", 1),
+    "/endless": ("dropped", "too large", 1),
+    "/big?size=300000": ("dropped", "too large", 1),
+    "/big?size=300000&length=0": ("dropped", "too large", 1),
+    "/big?size=150000": ("ok", None, 1),
+    "/short": ("dropped", "incomplete body", 1),
+    "/reset": ("dropped", "connection error", 3),
+    "/redirect/3": ("ok", None, 1),
+    "/redirect/6": ("dropped", "too many redirects", 1),
+    "/loop/a": ("dropped", "redirect loop", 1),
+    "/redirect-ftp": ("dropped", "unsupported scheme", 1),
+    "/wrong-type": ("ok", None, 1),
+    "/gzip": ("ok", None, 1),
+    "/empty": ("dropped", "empty body", 1),
+    "/bad-gzip": ("dropped", "invalid encoding", 1),
+    "/garbage": ("dropped", "invalid response", 1),
+}
+
+
+@pytest.fixture(scope="module")
+def fault_run(http_server: LoopbackServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Download every case of CASES in one run; return the manifest by path, the request log and the time."""
+    http_server.clear()
+    tmp_path = tmp_path_factory.mktemp("faults")
+    started = time.monotonic()
+    entries = download_urls(tmp_path, [http_server.url(path) for path in CASES])
+    return {
+        "entries": {entry["url"].split(str(http_server.port), 1)[1]: entry for entry in entries},
+        "requests": Counter(http_server.requests()),
+        "seconds": time.monotonic() - started,
+        "out": tmp_path / "out",
+        "metrics": json.loads((tmp_path / "metrics.json").read_text()),
+    }
+
+
+@pytest.mark.parametrize("path", list(CASES))
+def test_fault_outcome(fault_run: dict[str, Any], path: str) -> None:
+    status, reason, requests_made = CASES[path]
+    entry = fault_run["entries"][path]
+    assert entry["status"] == status
+    assert entry["reason"] == reason
+    assert fault_run["requests"][path] == requests_made
+
+
+def test_fault_run_accounting(fault_run: dict[str, Any]) -> None:
+    metrics = fault_run["metrics"]
+    assert metrics["records"] == len(CASES)
+    assert metrics["kept"] == sum(1 for status, _, _ in CASES.values() if status == "ok")
+    assert metrics["kept"] + metrics["dropped"] == metrics["records"]
+    assert metrics["dropped_by_reason"] == dict(Counter(r for s, r, _ in CASES.values() if s == "dropped"))
+
+
+def test_redirect_chain_followed(fault_run: dict[str, Any]) -> None:
+    assert fault_run["requests"]["/redirect/2?to=/img/target.jpg"] == 2  # also on the way of /redirect/6
+    assert fault_run["requests"]["/img/target.jpg"] == 1
+    assert fault_run["entries"]["/redirect/3"]["sha256"] == hashlib.sha256(JPEG).hexdigest()
+
+
+def test_gzip_body_decoded(fault_run: dict[str, Any]) -> None:
+    entry = fault_run["entries"]["/gzip"]
+    assert entry["sha256"] == hashlib.sha256(JPEG).hexdigest()
+    assert entry["bytes"] == len(JPEG)
+
+
+def test_wrong_content_type_kept(fault_run: dict[str, Any]) -> None:
+    entry = fault_run["entries"]["/wrong-type"]
+    assert entry["content_type"] == "text/plain"
+    assert entry["sha256"] == hashlib.sha256(PNG).hexdigest()
+
+
+def test_oversize_rejected_by_header(fault_run: dict[str, Any]) -> None:
+    assert fault_run["entries"]["/big?size=300000"]["detail"] == (
+        "Content-Length 300000 exceeds download.max_bytes = 200000"
+    )
+    assert fault_run["entries"]["/big?size=300000&length=0"]["detail"] == "body exceeds download.max_bytes = 200000"
+
+
+def test_retry_detail_counts_attempts(fault_run: dict[str, Any]) -> None:
+    assert fault_run["entries"]["/status/503"]["detail"] == "HTTP 503 Service Unavailable (after 3 attempts)"
+    assert fault_run["entries"]["/status/404"]["detail"] == "HTTP 404 Not Found"
+
+
+def test_drip_cut_at_deadline(fault_run: dict[str, Any]) -> None:
+    assert fault_run["entries"]["/drip?interval=0.05"]["detail"] == "download.deadline of 1.5 s exceeded"
+    # Everything runs in parallel, so the whole run takes about one deadline.
+    assert fault_run["seconds"] < FAST["deadline"] + 2.0
+
+
+def test_tar_holds_kept_images(fault_run: dict[str, Any]) -> None:
+    members = tar_members(fault_run["out"] / "shard-00000.tar")
+    kept = {entry["sha256"] for entry in fault_run["entries"].values() if entry["status"] == "ok"}
+    assert set(members) == kept
+    for name, data in members.items():
+        assert hashlib.sha256(data).hexdigest() == name
+
+
+def test_no_files_left_behind(fault_run: dict[str, Any]) -> None:
+    assert sorted(path.name for path in fault_run["out"].iterdir()) == ["shard-00000.jsonl", "shard-00000.tar"]
+
+
+def test_connection_refused(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (entry,) = download_urls(tmp_path, [f"http://127.0.0.1:{port}/a.jpg"])
+    assert entry["reason"] == "connection error"
+    assert entry["detail"] == "ConnectionRefusedError: Connection refused (after 3 attempts)"
+
+
+# --------------------------------------------------------------------------- classification units
+
+
+def _resolution_error(code: int) -> requests.exceptions.ConnectionError:
+    cause = socket.gaierror(code, "Name or service not known")
+    error = urllib3.exceptions.NameResolutionError("dead.example", None, cause)  # type: ignore[arg-type]
+    error.__cause__ = cause
+    return requests.exceptions.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/a.jpg", error))  # type: ignore[arg-type]
+
+
+def test_unknown_host_not_retried() -> None:
+    result = fetch.classify_error(_resolution_error(socket.EAI_NONAME), time.monotonic() + 10, make_params().download)
+    assert result.reason == "dns error"
+    assert not result.retryable
+
+
+def test_temporary_dns_failure_retried() -> None:
+    result = fetch.classify_error(_resolution_error(socket.EAI_AGAIN), time.monotonic() + 10, make_params().download)
+    assert result.reason == "dns error"
+    assert result.retryable
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (JPEG, "jpeg"), (PNG, "png"), (make_image(image_format="GIF"), "gif"), (make_image(image_format="WEBP"), "webp"),
+        (make_image(image_format="BMP"), "bmp"), (make_image(image_format="TIFF"), "tiff"),
+        (b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00", "heif"),
+        (b"<!DOCTYPE html><html>", None), (b"", None), (b"\x89PN", None),
+    ],
+)
+def test_sniff_image(data: bytes, kind: str | None) -> None:
+    assert sniff_image(data[:16]) == kind
+
+
+# --------------------------------------------------------------------------- local files
+
+
+@pytest.fixture
+def image_root(tmp_path: Path) -> Path:
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.jpg").write_bytes(JPEG)
+    (root / "sub" / "b.png").write_bytes(PNG)
+    (root / "0123abcd.jpg").write_bytes(JPEG)
+    (root / "notes.txt").write_bytes(b"plain text, not an image")
+    (tmp_path / "secret.jpg").write_bytes(JPEG)
+    (root / "inside_link.jpg").symlink_to(root / "a.jpg")
+    (root / "outside_link.jpg").symlink_to(tmp_path / "secret.jpg")
+    (root / "outside_dir").symlink_to(tmp_path, target_is_directory=True)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("image_path", "status", "reason"),
+    [
+        ("a.jpg", "ok", None),
+        ("sub/b.png", "ok", None),
+        ("./sub/../a.jpg", "ok", None),
+        ("0123abcd", "ok", None),  # a bare id: the .jpg file is found
+        ("inside_link.jpg", "ok", None),
+        ("notes.txt", "dropped", "not an image"),
+        ("missing.jpg", "dropped", "file not found"),
+        ("sub", "dropped", "file not found"),
+        ("../secret.jpg", "dropped", "path outside image_root"),
+        ("sub/../../secret.jpg", "dropped", "path outside image_root"),
+        ("/etc/passwd", "dropped", "path outside image_root"),
+        ("C:\\images\\a.jpg", "dropped", "path outside image_root"),
+        ("outside_link.jpg", "dropped", "path outside image_root"),
+        ("outside_dir/secret.jpg", "dropped", "path outside image_root"),
+        ("file:///etc/passwd", "dropped", "unsupported scheme"),
+        ("ftp://127.0.0.1/a.jpg", "dropped", "unsupported scheme"),
+        ("data:image/png;base64,iVBORw0KGgo=", "dropped", "unsupported scheme"),
+        ("http:///a.jpg", "dropped", "invalid url"),
+    ],
+)
+def test_local_path(tmp_path: Path, image_root: Path, image_path: str, status: str, reason: str | None) -> None:
+    source = write_source(tmp_path / "source.jsonl", [image_path])
+    run(source, tmp_path / "out", make_params(image_root=str(image_root)), tmp_path / "metrics.json")
+    (entry,) = read_manifests(tmp_path / "out")
+    assert entry["status"] == status
+    assert entry["reason"] == reason
+
+
+def test_relative_path_without_root(tmp_path: Path) -> None:
+    (entry,) = download_urls(tmp_path, ["a.jpg"])
+    assert entry["reason"] == "no image_root"
+
+
+def test_target_resolution_never_reads_outside(tmp_path: Path, image_root: Path) -> None:
+    root = image_root.resolve()
+    for image_path in ("a.jpg", "sub/b.png", "0123abcd"):
+        target = resolve_target(image_path, root)
+        assert isinstance(target, Target)
+        assert target.path is not None
+        assert target.path.is_relative_to(root)
+
+
+def test_sample_end_to_end(tmp_path: Path) -> None:
+    params = make_params(image_root=str(SAMPLE / "images"))
+    summary = run(SAMPLE / "ko_sample.jsonl", tmp_path / "out", params, tmp_path / "metrics.json")
+    assert summary.metrics == {
+        "records": 42,
+        "kept": 38,
+        "dropped": 4,
+        "drop_rate": round(4 / 42, 6),
+        "dropped_by_reason": {"blank line": 1, "file not found": 1, "invalid json": 1, "wrong language": 1},
+    }
+    entries = read_manifests(tmp_path / "out")
+    assert [entry["line"] for entry in entries] == list(range(1, 43))
+    members = tar_members(tmp_path / "out" / "shard-00000.tar")
+    # The copy of sky_red_circle.jpg under another id shares one member.
+    assert len(members) == 37
+
+
+def test_sample_images_as_documented() -> None:
+    from PIL import Image
+
+    images = SAMPLE / "images"
+    files = sorted(path for path in images.rglob("*") if path.is_file())
+    assert sum(path.stat().st_size for path in files) < 1_500_000
+    special = {"lighthouse_truncated.jpg", "tiny_dot.png", "thin_strip.jpg", "sky_red_circle_copy.jpg"}
+    for path in files:
+        if path.name in special:
+            continue
+        with Image.open(path) as image:
+            image.load()
+            assert 200 <= max(image.size) <= 640, path
+    with Image.open(images / "lighthouse_truncated.jpg") as image, pytest.raises(OSError, match="truncated"):
+        image.load()
+    with Image.open(images / "tiny_dot.png") as image:
+        assert image.size == (10, 10)
+    with Image.open(images / "thin_strip.jpg") as image:
+        assert image.size == (640, 16)
+    assert (images / "sky_red_circle_copy.jpg").read_bytes() == (images / "sky_red_circle.jpg").read_bytes()
+
+
+# --------------------------------------------------------------------------- shards, resume, determinism
+
+
+def test_rerun_fetches_nothing(server: LoopbackServer, tmp_path: Path) -> None:
+    urls = [server.add_image(f"rerun{i}.jpg", make_image(40 + i, 30)) for i in range(12)] + [server.url("/status/404")]
+    source = write_source(tmp_path / "source.jsonl", urls)
+    params = make_params(shard_size=5)
+    first = run(source, tmp_path / "out", params, tmp_path / "metrics.json")
+    before = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()}
+    assert len(server.requests()) == 13
+    server.clear()
+
+    second = run(source, tmp_path / "out", params, tmp_path / "metrics.json")
+
+    assert server.requests() == []
+    assert second.skipped_shards == 3
+    assert second.metrics == first.metrics
+    assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == before
+
+
+def test_shard_layout(server: LoopbackServer, tmp_path: Path) -> None:
+    urls = [server.add_image(f"layout{i}.jpg", make_image(30 + i, 30)) for i in range(12)]
+    entries = download_urls(tmp_path, urls, shard_size=5)
+    names = sorted(path.name for path in (tmp_path / "out").iterdir())
+    assert names == [f"shard-0000{i}.{suffix}" for i in range(3) for suffix in ("jsonl", "tar")]
+    assert [entry["line"] for entry in entries] == list(range(1, 13))
+    shard_two = [json.loads(line) for line in (tmp_path / "out" / "shard-00002.jsonl").read_text().splitlines()]
+    assert [entry["line"] for entry in shard_two] == [11, 12]
+
+
+def test_stale_shards_removed(server: LoopbackServer, tmp_path: Path) -> None:
+    urls = [server.add_image(f"stale{i}.jpg", make_image(20 + i, 30)) for i in range(12)]
+    source = write_source(tmp_path / "source.jsonl", urls)
+    run(source, tmp_path / "out", make_params(shard_size=5), tmp_path / "metrics.json")
+    server.clear()
+
+    summary = run(source, tmp_path / "out", make_params(shard_size=5, limit=7), tmp_path / "metrics.json")
+
+    names = sorted(path.name for path in (tmp_path / "out").iterdir())
+    assert names == ["shard-00000.jsonl", "shard-00000.tar", "shard-00001.jsonl", "shard-00001.tar"]
+    assert summary.metrics["records"] == 7
+    # Shard 1 changed (2 lines instead of 5), but its images come from the old tar.
+    assert server.requests() == []
+    assert len(tar_members(tmp_path / "out" / "shard-00001.tar")) == 2
+
+
+def test_changed_params_refetch_only_drops(server: LoopbackServer, tmp_path: Path) -> None:
+    urls = [server.add_image(f"params{i}.jpg", make_image(50 + i, 30)) for i in range(4)]
+    urls += [server.url("/big?size=300000"), server.url("/status/404")]
+    source = write_source(tmp_path / "source.jsonl", urls)
+    run(source, tmp_path / "out", make_params(), tmp_path / "metrics.json")
+    server.clear()
+
+    summary = run(source, tmp_path / "out", make_params(max_bytes=400_000), tmp_path / "metrics.json")
+
+    assert sorted(server.requests()) == ["/big?size=300000", "/status/404"]
+    assert summary.metrics["kept"] == 5
+    assert summary.reused == 4
+
+
+def test_duplicate_urls_fetched_once(server: LoopbackServer, tmp_path: Path) -> None:
+    url = server.add_image("dup.jpg", make_image(33, 33))
+    entries = download_urls(tmp_path, [url, url, url])
+    assert server.count("/img/dup.jpg") == 1
+    assert [entry["status"] for entry in entries] == ["ok", "ok", "ok"]
+    assert len({entry["member"] for entry in entries}) == 1
+    assert len(tar_members(tmp_path / "out" / "shard-00000.tar")) == 1
+
+
+def test_output_independent_of_completion_order(server: LoopbackServer, tmp_path: Path) -> None:
+    urls = [server.add_image(f"order{i}.jpg", make_image(20 + i, 20 + i)) for i in range(24)]
+    urls += [server.url("/status/404"), server.url("/html")]
+    source = write_source(tmp_path / "source.jsonl", urls)
+    outputs = []
+    orders = []
+    for seed in (1, 2):
+        rng = random.Random(seed)
+        server.on_request = lambda path, rng=rng: time.sleep(rng.random() * 0.03)
+        server.clear()
+        out = tmp_path / f"out{seed}"
+        run(source, out, make_params(shard_size=10), tmp_path / "metrics.json")
+        outputs.append({path.name: path.read_bytes() for path in out.iterdir()})
+        orders.append(server.requests())
+    server.on_request = None
+    assert outputs[0] == outputs[1]
+    assert sorted(orders[0]) == sorted(orders[1])
+
+
+def _write_params_file(path: Path, **download_params: Any) -> Path:
+    params = {"data": {"lang": "ko", "source": "unused.jsonl", "image_root": "", "limit": 0},
+              "download": {**FAST, **download_params}}
+    path.write_text(yaml.safe_dump(params), encoding="utf-8")
+    return path
+
+
+def _fetched_targets(out_dir: Path) -> set[str]:
+    """Return the URLs in finished shards and in the journals of unfinished ones."""
+    targets = {entry["url"] for entry in read_manifests(out_dir)}
+    for journal in out_dir.glob(".shard-*.partial/journal.jsonl"):
+        for line in journal.read_text(encoding="utf-8").splitlines():
+            try:
+                targets.add(json.loads(line)["target"])
+            except ValueError:
+                pass  # a line cut by the kill is refetched
+    return targets
+
+
+def test_resume_after_kill(server: LoopbackServer, tmp_path: Path) -> None:
+    urls = [server.add_image(f"kill{i}.jpg", make_image(60 + i, 40)) for i in range(30)]
+    source = write_source(tmp_path / "source.jsonl", urls)
+    params_file = _write_params_file(tmp_path / "params.yaml", workers=2, shard_size=8)
+    server.on_request = lambda path: time.sleep(0.05)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "stages.download", str(source), str(out), "--params", str(params_file),
+               "--metrics", str(tmp_path / "metrics.json")]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        give_up = time.monotonic() + 20
+        while len(_fetched_targets(out)) < 8 and time.monotonic() < give_up and process.poll() is None:
+            time.sleep(0.02)
+        assert process.poll() is None, "the stage finished before it could be killed"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()  # type: ignore[union-attr]
+    server.on_request = None
+
+    done = _fetched_targets(out)
+    assert 8 <= len(done) < 30
+    server.clear()
+    summary = run(source, out, make_params(workers=2, shard_size=8), tmp_path / "metrics.json")
+
+    fetched = {server.url(path) for path in server.requests()}
+    assert fetched == set(urls) - done
+    assert len(server.requests()) == len(fetched)
+    assert summary.metrics["kept"] == 30
+    assert sorted(path.name for path in out.iterdir()) == [
+        f"shard-0000{i}.{suffix}" for i in range(4) for suffix in ("jsonl", "tar")
+    ]
+
+    server.clear()
+    run(source, out, make_params(workers=2, shard_size=8), tmp_path / "metrics.json")
+    assert server.requests() == []
+
+
+def test_resumed_output_matches_clean_run(server: LoopbackServer, tmp_path: Path) -> None:
+    urls = [server.add_image(f"same{i}.jpg", make_image(70 + i, 40)) for i in range(10)]
+    source = write_source(tmp_path / "source.jsonl", urls)
+    params = make_params(shard_size=4)
+    run(source, tmp_path / "clean", params, tmp_path / "metrics.json")
+
+    # A half-built shard: two images fetched and journaled, then the run stopped.
+    run(source, tmp_path / "resumed", make_params(shard_size=4, limit=2), tmp_path / "metrics.json")
+    first = (tmp_path / "resumed" / "shard-00000.tar")
+    assert first.exists()
+    server.clear()
+    run(source, tmp_path / "resumed", params, tmp_path / "metrics.json")
+
+    assert len(server.requests()) == 8
+    clean = {path.name: path.read_bytes() for path in (tmp_path / "clean").iterdir()}
+    resumed = {path.name: path.read_bytes() for path in (tmp_path / "resumed").iterdir()}
+    assert resumed == clean
+
+
+# --------------------------------------------------------------------------- systemic failures
+
+
+def test_missing_source_fails(tmp_path: Path) -> None:
+    with pytest.raises(StageError, match=r"nothing\.jsonl: source file not found\. Run `dvc pull"):
+        run(tmp_path / "nothing.jsonl", tmp_path / "out", make_params(), tmp_path / "metrics.json")
+
+
+def test_empty_source_fails(tmp_path: Path) -> None:
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    with pytest.raises(StageError, match="no lines to read"):
+        run(tmp_path / "empty.jsonl", tmp_path / "out", make_params(), tmp_path / "metrics.json")
+
+
+def test_missing_image_root_fails(tmp_path: Path) -> None:
+    source = write_source(tmp_path / "source.jsonl", ["a.jpg"])
+    with pytest.raises(StageError, match="`data.image_root` is .*which is not a folder"):
+        run(source, tmp_path / "out", make_params(image_root=str(tmp_path / "nope")), tmp_path / "metrics.json")
+
+
+def test_error_rate_limit(server: LoopbackServer, tmp_path: Path) -> None:
+    urls = [server.url("/status/404")] * 3 + [server.url("/img/red.jpg")]
+    source = write_source(tmp_path / "source.jsonl", urls)
+    with pytest.raises(StageError, match=r"download: 75\.0% of 4 records dropped, above `download.max_error_rate`"):
+        run(source, tmp_path / "out", make_params(max_error_rate=0.5), tmp_path / "metrics.json")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["dropped_by_reason"] == {"http 404": 3}
+
+
+class _FullDisk:
+    def write(self, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self) -> None:
+        pass
+
+
+def test_disk_full_names_file(server: LoopbackServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = fetch._BodySink._write_file
+
+    def write_to_full_disk(sink: fetch._BodySink, data: bytes) -> None:
+        sink.file.close()
+        sink.file = _FullDisk()
+        original(sink, data)
+
+    monkeypatch.setattr(fetch._BodySink, "_write_file", write_to_full_disk)
+    source = write_source(tmp_path / "source.jsonl", [server.url("/img/red.jpg")])
+    with pytest.raises(StageError, match=r"cannot write .*/tmp-[0-9a-f]+: No space left on device; the disk is full"):
+        run(source, tmp_path / "out", make_params(), tmp_path / "metrics.json")
+
+
+def test_cli_exit_codes(tmp_path: Path) -> None:
+    params_file = _write_params_file(tmp_path / "params.yaml")
+    assert download.main([str(tmp_path / "none.jsonl"), str(tmp_path / "out"), "--params", str(params_file)]) == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("download:\n  workerz: 3\n", encoding="utf-8")
+    assert download.main([str(tmp_path / "none.jsonl"), str(tmp_path / "out"), "--params", str(bad)]) == 2
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def test_https_image_and_deadline(https_server: LoopbackServer, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(https_server.certificate[0]))  # type: ignore[index]
+    started = time.monotonic()
+    entries = download_urls(tmp_path, [https_server.url("/img/red.jpg"), https_server.url("/drip?interval=0.05")])
+    assert [entry["reason"] for entry in entries] == [None, "timeout"]
+    assert entries[0]["sha256"] == hashlib.sha256(JPEG).hexdigest()
+    assert entries[1]["detail"] == "download.deadline of 1.5 s exceeded"
+    assert time.monotonic() - started < FAST["deadline"] + 2.0
+
+
+def test_untrusted_certificate(https_server: LoopbackServer, tmp_path: Path) -> None:
+    (entry,) = download_urls(tmp_path, [https_server.url("/img/red.jpg")])
+    assert entry["reason"] == "tls error"
+    assert "CERTIFICATE_VERIFY_FAILED" in entry["detail"]
