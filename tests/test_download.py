@@ -127,6 +127,7 @@ CASES: dict[str, tuple[str, str | None, int]] = {
 def fault_run(http_server: LoopbackServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Download every case of CASES in one run; return the manifest by path, the request log and the time."""
     http_server.clear()
+    http_server.on_request = None
     tmp_path = tmp_path_factory.mktemp("faults")
     started = time.monotonic()
     entries = download_urls(tmp_path, [http_server.url(path) for path in CASES])
@@ -188,8 +189,9 @@ def test_retry_detail_counts_attempts(fault_run: dict[str, Any]) -> None:
 
 def test_drip_cut_at_deadline(fault_run: dict[str, Any]) -> None:
     assert fault_run["entries"]["/drip?interval=0.05"]["detail"] == "download.deadline of 1.5 s exceeded"
-    # Everything runs in parallel, so the whole run takes about one deadline.
-    assert fault_run["seconds"] < FAST["deadline"] + 2.0
+    # The cases run in parallel, so the whole run takes about one deadline;
+    # an uncut drip would take 5000 s. The margin absorbs a loaded machine.
+    assert fault_run["seconds"] < FAST["deadline"] + 3.5
 
 
 def test_tar_holds_kept_images(fault_run: dict[str, Any]) -> None:
@@ -586,7 +588,7 @@ def test_https_image_and_deadline(https_server: LoopbackServer, tmp_path: Path,
     assert [entry["reason"] for entry in entries] == [None, "timeout"]
     assert entries[0]["sha256"] == hashlib.sha256(JPEG).hexdigest()
     assert entries[1]["detail"] == "download.deadline of 1.5 s exceeded"
-    assert time.monotonic() - started < FAST["deadline"] + 2.0
+    assert time.monotonic() - started < FAST["deadline"] + 3.5
 
 
 def test_untrusted_certificate(https_server: LoopbackServer, tmp_path: Path) -> None:
