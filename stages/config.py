@@ -40,7 +40,8 @@ class DataParams:
     lang: str = _help("SiLu language code of the captions to keep (ko, ru, vi, ar, hu, cs, th, sr).", "ko")
     source: str = _help("Path of the SiLu image-caption JSONL or .jsonl.gz (DVC-tracked).", "data/sample/ko_sample.jsonl")
     image_root: str = _help(
-        "Folder that relative `image.path` values resolve against; empty string when every path is a URL.",
+        "Folder that relative `image.path` values resolve against. It is also a DVC dep, so keep it an existing "
+        "folder (such as the source file's folder) even when every path is a URL.",
         "data/sample/images",
     )
     limit: int = _help("Read only the first N lines of the source (0 = all).", 0)
@@ -54,6 +55,11 @@ class DataParams:
         _check_min("data.limit", self.limit, 0)
         if not self.source:
             raise ParamsError("`data.source` is empty; set it to the path of a SiLu JSONL file.")
+        if not self.image_root:
+            raise ParamsError(
+                "`data.image_root` is empty; dvc.yaml lists it as a dep, so set it to an existing folder "
+                "(the source file's folder when every image.path is a URL)."
+            )
 
 
 @dataclass(frozen=True)

@@ -106,3 +106,8 @@ def test_cli_missing_file(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "file not found" in result.stderr
+
+
+def test_empty_image_root_rejected() -> None:
+    with pytest.raises(ParamsError, match="`data.image_root` is empty"):
+        parse_params(_params(data={"image_root": ""}))
