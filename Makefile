@@ -7,11 +7,12 @@ PYTHON ?= python3
 BOARD_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.9.*/bin/python3.9) $(shell command -v python3.9 2>/dev/null))
 VENV := .venv
 BOARD_VENV := .venv-board
+BENCH_VENV := .venv-bench
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-board sshd board board-stop repro test test-fast bench quality clean
+.PHONY: help install install-board sshd board board-stop repro test test-fast bench bench-env quality clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -61,7 +62,15 @@ test: install install-board sshd ## Run the whole test suite
 test-fast: install ## Run the tests that need neither training nor the board
 	$(BIN)/python -m pytest -m "not slow"
 
-bench: install ## Run the benchmarks in bench/ (not tests; prints ratios)
+$(BENCH_VENV)/.installed: bench/requirements-bench.txt
+	@echo ">>> Creating the benchmark environment in $(BENCH_VENV) (img2dataset 1.47.0, compared against the download stage)"
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet -r bench/requirements-bench.txt
+	touch $@
+
+bench-env: $(BENCH_VENV)/.installed ## Create the benchmark-only venv (.venv-bench) with img2dataset
+
+bench: install bench-env ## Run the benchmarks in bench/ (not tests; prints ratios)
 	$(BIN)/python -m bench
 
 quality: install ## Check the code without changing it
