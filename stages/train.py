@@ -301,9 +301,19 @@ def open_live(metrics_dir: Path):
     """Open a DVCLive logger for use inside a DVC stage: no experiment of its own, no dvc.yaml edits."""
     from dvclive import Live
 
+    class PipelineLive(Live):
+        """``Live`` that skips building Studio updates when no Studio is configured."""
+
+        def post_data_to_studio(self):
+            # dvclive 3.49.1 re-reads every plot TSV on each step to build the Studio update, even
+            # when Studio is off and the update is dropped, so a run's cost grows with steps squared.
+            if "data" in self._studio_events_to_skip:
+                return
+            super().post_data_to_studio()
+
     # dvcyaml=None: the metrics and plots are declared in the pipeline's dvc.yaml.
     # save_dvc_exp=False: `dvc exp run` records the experiment; under `dvc repro` there is none.
-    return Live(dir=str(metrics_dir), save_dvc_exp=False, dvcyaml=None)
+    return PipelineLive(dir=str(metrics_dir), save_dvc_exp=False, dvcyaml=None)
 
 
 def _global_step_callback(live):
