@@ -14,6 +14,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 # The loopback HTTP and HTTPS server fixtures of tests/conftest_http.py, for the download tests.
 pytest_plugins = ["tests.conftest_http"]
+# Deploy-side fixtures: the sshd board stand-in, a board checkpoint, a tiny test split.
+pytest_plugins.append("tests.board_plugin")
 
 
 @pytest.fixture(autouse=True)
