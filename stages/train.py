@@ -373,8 +373,8 @@ def _find_tool(name: str) -> str | None:
     return str(beside) if beside.is_file() else shutil.which(name)
 
 
-def run_torchrun(config_path: Path, train: TrainParams) -> None:
-    """Run ``llamafactory-cli train CONFIG`` under torchrun with the distributed settings from params."""
+def check_launcher(train: TrainParams) -> tuple[str, str]:
+    """Return the paths of ``llamafactory-cli`` and ``torchrun``; check the DeepSpeed config and package."""
     cli = _find_tool("llamafactory-cli")
     torchrun = _find_tool("torchrun")
     if cli is None or torchrun is None:
@@ -390,6 +390,12 @@ def run_torchrun(config_path: Path, train: TrainParams) -> None:
                 f"`train.deepspeed` is {train.deepspeed!r} but the deepspeed package is not installed; "
                 "install it on the GPU server (see docs/model.md) or set `train.deepspeed: \"\"`."
             )
+    return cli, torchrun
+
+
+def run_torchrun(config_path: Path, train: TrainParams) -> None:
+    """Run ``llamafactory-cli train CONFIG`` under torchrun with the distributed settings from params."""
+    cli, torchrun = check_launcher(train)
     env = dict(os.environ)
     # LLaMA-Factory's launcher starts `torchrun` by name, so its folder must be on PATH.
     env["PATH"] = os.pathsep.join([str(Path(torchrun).parent), env.get("PATH", "")])
@@ -468,6 +474,8 @@ def train(
     dataset_dir, base_dir, out_dir, metrics_dir = map(Path, (dataset_dir, base_dir, out_dir, metrics_dir))
     if not (base_dir / "config.json").is_file():
         raise StageError(f"{base_dir}/config.json not found; run the base stage first (dvc repro base).")
+    if is_distributed(params.train):
+        check_launcher(params.train)
     summary = summarise_dataset(dataset_dir, base_dir, params.convert)
     log.info(
         "%d train samples; longest %s tokens, largest image %d tokens; cutoff_len %d",

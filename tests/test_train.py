@@ -203,3 +203,26 @@ def test_torchrun_two_processes(tmp_path: Path, tiny_model_dir: Path, tiny_datas
     assert two_losses == pytest.approx(one_losses, rel=1e-5)
     logged = yaml.safe_load((tmp_path / "m2" / "params.yaml").read_text(encoding="utf-8"))
     assert logged["llamafactory"]["lora_rank"] == 4
+
+
+def test_deepspeed_config_checked(tmp_path: Path, tiny_model_dir: Path, tiny_dataset_dir: Path) -> None:
+    import importlib.util
+
+    missing = write_params(tmp_path / "missing.yaml", train={"deepspeed": str(tmp_path / "nowhere.json")})
+    process = run_stage("train", tiny_dataset_dir, tiny_model_dir, tmp_path / "a", "--params", missing, check=False)
+
+    assert process.returncode == 1
+    assert f"`train.deepspeed` is '{tmp_path / 'nowhere.json'}': file not found" in process.stderr
+    assert not (tmp_path / "a").exists()
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here, so the missing-package message cannot be checked")
+    config = tmp_path / "ds_z2_config.json"
+    config.write_text('{"zero_optimization": {"stage": 2}}', encoding="utf-8")
+    present = write_params(tmp_path / "present.yaml", train={"deepspeed": str(config)})
+    process = run_stage("train", tiny_dataset_dir, tiny_model_dir, tmp_path / "b", "--params", present, check=False)
+
+    assert process.returncode == 1
+    assert "the deepspeed package is not installed" in process.stderr
+    assert "Running training" not in process.stderr
+    assert not (tmp_path / "b").exists()
