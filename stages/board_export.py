@@ -90,7 +90,7 @@ def fix_tokenizer(path: Path) -> list[str]:
         left, right = merge
         if " " in left or " " in right:
             raise StageError(
-                f"{path}: merge {merge!r} contains a space, which the \"a b\" string form of tokenizers 0.19 "
+                f'{path}: merge {merge!r} contains a space, which the "a b" string form of tokenizers 0.19 '
                 "cannot express; this tokenizer cannot be converted for MindNLP 0.4.1."
             )
         converted.append(f"{left} {right}")

@@ -267,7 +267,11 @@ def publish(
     verify_start = time.monotonic()
     if stored:
         checked = board_op(
-            conn, python, "verify", {"remote_dir": root, "objects": stored}, timeout + sum(stored.values()) / BOARD_HASH_BYTES_PER_S
+            conn,
+            python,
+            "verify",
+            {"remote_dir": root, "objects": stored},
+            timeout + sum(stored.values()) / BOARD_HASH_BYTES_PER_S,
         )
         report.corrupt_on_board = checked["corrupt"]
         for sha in checked["corrupt"]:
@@ -290,7 +294,11 @@ def publish(
         finish_start = time.monotonic()
         uploaded = {sha: objects[sha] for sha in offsets}
         finished = board_op(
-            conn, python, "finish", {"remote_dir": root, "objects": uploaded}, timeout + sum(uploaded.values()) / BOARD_HASH_BYTES_PER_S
+            conn,
+            python,
+            "finish",
+            {"remote_dir": root, "objects": uploaded},
+            timeout + sum(uploaded.values()) / BOARD_HASH_BYTES_PER_S,
         )
         report.verify_s += time.monotonic() - finish_start
         if finished["mismatch"]:

@@ -175,7 +175,11 @@ def connect(target: BoardTarget) -> BoardConnection:
             target.label, f"TCP connect timed out after {target.connect_timeout:g} s; is the board on and reachable?"
         ) from None
     except OSError as exc:
-        hint = "start the stand-in with `make board`" if target.host in ("127.0.0.1", "localhost") else "check deploy.host and deploy.port"
+        hint = (
+            "start the stand-in with `make board`"
+            if target.host in ("127.0.0.1", "localhost")
+            else "check deploy.host and deploy.port"
+        )
         raise BoardUnreachable(target.label, f"TCP connect failed: {exc.strerror or exc}; {hint}.") from None
 
     transport = paramiko.Transport(sock)
@@ -265,7 +269,9 @@ def _login(target: BoardTarget, transport: paramiko.Transport) -> None:
         try:
             keys = [paramiko.PKey.from_path(path)]
         except FileNotFoundError:
-            raise AuthError(target.label, f"key file {path} not found; set deploy.key_file, or empty to use the SSH agent.") from None
+            raise AuthError(
+                target.label, f"key file {path} not found; set deploy.key_file, or empty to use the SSH agent."
+            ) from None
         except paramiko.PasswordRequiredException:
             raise AuthError(
                 target.label,

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import logging
 import math
 import shutil
 import statistics
@@ -127,7 +126,7 @@ def resolve_target(params: DeployParams, standin_file: Path = STANDIN_FILE) -> D
         port=params.port,
         user=user,
         key_file=params.key_file,
-        known_hosts=Path(params.known_hosts),
+        known_hosts=Path(params.known_hosts).expanduser(),
         trust_new_host=params.trust_new_host,
         connect_timeout=params.connect_timeout,
         transfer_timeout=params.transfer_timeout,

@@ -180,5 +180,3 @@ def current_release(remote_dir: Path) -> str | None:
 
 def read_json(path: Path) -> object:
     return json.loads(path.read_text(encoding="utf-8"))
-
-

@@ -144,7 +144,9 @@ def test_missing_board_python_rejected(board_conn: BoardConnection, remote_dir: 
 
 def test_board_without_mindspore_rejected(board_conn: BoardConnection, remote_dir: Path, tmp_path: Path) -> None:
     plain = shutil.which("python3") or "/usr/bin/python3"
-    check = subprocess.run([plain, "-c", "import importlib.util as u; print(u.find_spec('mindnlp'))"], capture_output=True, text=True)
+    check = subprocess.run(
+        [plain, "-c", "import importlib.util as u; print(u.find_spec('mindnlp'))"], capture_output=True, text=True
+    )
     if check.stdout.strip() != "None":
         pytest.skip(f"{plain} has MindNLP installed, so it cannot play a board without it")
     release = board_release.build_release({"infer.py": write_script(tmp_path / "infer.py", "")})
@@ -236,7 +238,9 @@ def test_hanging_inference_killed(board_standin, board_conn, remote_dir, fake_mo
     params = make_params(board_standin, remote_dir, run_timeout=2.0)
 
     with pytest.raises(CommandTimeout) as raised:
-        deploy(params, fake_model, deploy_dataset_dir, tmp_path / "out", tmp_path / "metrics.json", script, tmp_path / "none.json")
+        deploy(
+            params, fake_model, deploy_dataset_dir, tmp_path / "out", tmp_path / "metrics.json", script, tmp_path / "none.json"
+        )
 
     message = str(raised.value)
     assert "deploy.run_timeout = 2 s" in message

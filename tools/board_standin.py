@@ -44,7 +44,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_STATE_DIR = REPO / ".board"
@@ -202,7 +201,7 @@ def free_port() -> int:
 # --------------------------------------------------------------------------- commands
 
 
-def load(state_dir: Path = DEFAULT_STATE_DIR) -> Optional[Standin]:
+def load(state_dir: Path = DEFAULT_STATE_DIR) -> Standin | None:
     """Return the recorded stand-in of ``state_dir`` when its sshd still runs, else None."""
     record = Path(state_dir) / "standin.json"
     try:
@@ -217,8 +216,8 @@ def load(state_dir: Path = DEFAULT_STATE_DIR) -> Optional[Standin]:
 
 def start(
     state_dir: Path = DEFAULT_STATE_DIR,
-    port: Optional[int] = None,
-    board_python: Optional[Path] = None,
+    port: int | None = None,
+    board_python: Path | None = None,
 ) -> Standin:
     """Start the stand-in's sshd on ``127.0.0.1:port`` (idempotent) and return its record.
 
@@ -297,8 +296,7 @@ def _wait_for_pid(pidfile: Path, config: Path, port: int, log: Path) -> int:
                 return pid
         time.sleep(0.05)
     raise StandinError(
-        f"sshd did not start listening on {HOST}:{port} within {START_TIMEOUT_S:.0f} s; "
-        f"is the port in use? {_tail(log)}"
+        f"sshd did not start listening on {HOST}:{port} within {START_TIMEOUT_S:.0f} s; is the port in use? {_tail(log)}"
     )
 
 
@@ -343,14 +341,12 @@ def _params_port() -> int:
     return load_params(REPO / "params.yaml").deploy.port
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.board_standin", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="Stand-in state folder.")
     parser.add_argument("--port", type=int, default=None, help="Port on 127.0.0.1 (default: deploy.port).")
-    parser.add_argument(
-        "--board-python", type=Path, default=None, help="Python that plays the board's (default: .venv-board)."
-    )
+    parser.add_argument("--board-python", type=Path, default=None, help="Python that plays the board's (default: .venv-board).")
     args = parser.parse_args(argv)
 
     try:
