@@ -5,6 +5,8 @@ the summed resident memory of a process and all its descendants. Pages
 shared between processes (a forked parent's memory, shared libraries) are
 counted once per process, so the sum overstates the real footprint of a
 multi-process tool. A peak shorter than the interval can be missed.
+CPU time is the user + system time of every process of the tree at its
+last sample, so up to one interval per process is missed.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class RunResult:
     returncode: int
     seconds: float
     peak_rss: int  # bytes, process tree
-    cpu_seconds: float  # user + system time of the process and the children it waited for
+    cpu_seconds: float  # user + system time of the process tree, as last sampled per process
     output: str  # stdout and stderr together, the last 4000 characters
 
 
@@ -45,8 +47,12 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def tree_rss(process: psutil.Process) -> int:
-    """Return the summed RSS of ``process`` and its descendants, in bytes (0 once it has exited)."""
+def sample_tree(process: psutil.Process, cpu_by_pid: dict[int, float]) -> int:
+    """Return the summed RSS of ``process`` and its descendants in bytes, and record each one's CPU seconds.
+
+    ``cpu_by_pid`` keeps the last user + system time seen per process, so
+    processes that have exited still count (up to their last sample).
+    """
     total = 0
     try:
         members = [process, *process.children(recursive=True)]
@@ -54,7 +60,10 @@ def tree_rss(process: psutil.Process) -> int:
         return 0
     for member in members:
         try:
-            total += member.memory_info().rss
+            with member.oneshot():
+                total += member.memory_info().rss
+                times = member.cpu_times()
+            cpu_by_pid[member.pid] = times.user + times.system
         except psutil.Error:
             pass  # exited between listing and reading
     return total
@@ -86,22 +95,19 @@ def run_measured(
     chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: child.stdout.read(65536), b"")), daemon=True)
     reader.start()
-    cpu_seconds = 0.0
-    while True:
-        # wait4 instead of Popen.poll, because it also returns the CPU time.
-        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-        if pid:
-            child.returncode = os.waitstatus_to_exitcode(status)
-            cpu_seconds = usage.ru_utime + usage.ru_stime
-            break
-        peak = max(peak, tree_rss(process))
+    cpu_by_pid: dict[int, float] = {}
+    while child.poll() is None:
+        peak = max(peak, sample_tree(process, cpu_by_pid))
         if time.monotonic() - started > timeout:
             os.killpg(child.pid, 9)
+            child.wait()
+            break
         time.sleep(interval)
     seconds = time.monotonic() - started
     reader.join(timeout=5)
     output = b"".join(chunks).decode("utf-8", "replace")
-    return RunResult(child.returncode, seconds, peak, cpu_seconds, output[-4000:])
+    return RunResult(child.returncode, seconds, peak, sum(cpu_by_pid.values()), output[-4000:])
+
 
 
 def folder_stats(path: Path) -> tuple[int, int]:

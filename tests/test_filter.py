@@ -26,7 +26,7 @@ from PIL import Image
 
 from stages.common import StageError
 from stages.config import FilterParams
-from stages.filter import Task, _pop_result, main, rescale_to_8bit, run_filter, to_rgb
+from stages.filter import Task, _Batch, _pop_batch, main, rescale_to_8bit, run_filter, to_rgb
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
 
@@ -384,6 +384,6 @@ def test_to_rgb_composites_on_background() -> None:
 def test_dead_worker_raises_stage_error() -> None:
     future: Future = Future()
     future.set_exception(BrokenProcessPool("a child process terminated abruptly"))
-    pending = deque([(Task(0, {"line": 7}, None), future)])
+    pending = deque([_Batch(tasks=[Task(0, {"line": 7}, None)], known=[None], future=future)])
     with pytest.raises(StageError, match="a decoding process died at or near line 7"):
-        _pop_result(pending)
+        _pop_batch(pending)
