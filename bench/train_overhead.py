@@ -19,41 +19,24 @@ instead. Not a test: it prints numbers and always exits 0 unless a run fails.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-
-# Runs a command and prints its wall time and the peak RSS of its process tree.
-# ru_maxrss of RUSAGE_CHILDREN is the largest RSS of any waited-for descendant, in KiB on Linux.
-_MEASURE = """
-import json, resource, subprocess, sys, time
-start = time.perf_counter()
-code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode
-wall = time.perf_counter() - start
-rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print(json.dumps({"code": code, "wall": wall, "rss_kib": rss}))
-"""
+from bench.measure import RunResult, clean_env, cpu_description, median, run_measured
 
 
-def measure(command: list[str]) -> dict[str, float]:
-    """Run ``command`` in a fresh measuring process and return its wall seconds and peak RSS."""
-    # One intra-op thread for both variants: on a shared 2-core machine the tiny model's steps
-    # take about 0.05 s with one thread and about 0.8 s with two (measured), which would bury the overhead in noise.
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    output = subprocess.run(
-        [sys.executable, "-c", _MEASURE, *command], cwd=REPO, capture_output=True, text=True, check=True, env=env
-    ).stdout
-    result = json.loads(output.strip().splitlines()[-1])
-    if result["code"] != 0:
-        raise SystemExit(f"benchmark run failed with exit code {result['code']}: {' '.join(command)}")
+def measure(command: list[str]) -> RunResult:
+    """Run ``command`` once with wall time and peak RSS of its process tree recorded; exit on failure."""
+    # One intra-op thread for both variants: on a shared 2-core machine the tiny model's steps take
+    # about 0.05 s with one thread and about 0.8 s with two (measured), which buries the overhead in noise.
+    threads = os.environ.get("OMP_NUM_THREADS", "1")
+    result = run_measured(command, env=clean_env({"OMP_NUM_THREADS": threads}))
+    if result.returncode != 0:
+        raise SystemExit(f"benchmark run failed with exit code {result.returncode}: {' '.join(command)}\n{result.output}")
     return result
 
 
@@ -100,20 +83,21 @@ def main(argv: list[str] | None = None) -> int:
         cli = str(Path(sys.executable).parent / "llamafactory-cli")
         bare = [cli, "train", str(bare_config)]
 
-        results: dict[str, list[dict[str, float]]] = {"pipeline": [], "bare": []}
+        results: dict[str, list[RunResult]] = {"pipeline": [], "bare": []}
         for run in range(args.runs):
             # Alternate the order so that drifting machine load hits both variants alike.
             order = ("pipeline", "bare") if run % 2 == 0 else ("bare", "pipeline")
             for name in order:
                 results[name].append(measure(pipeline if name == "pipeline" else bare))
-                print(f"run {run + 1}/{args.runs} {name}: {results[name][-1]['wall']:.2f} s", file=sys.stderr)
+                print(f"run {run + 1}/{args.runs} {name}: {results[name][-1].seconds:.2f} s", file=sys.stderr)
 
-    wall = {name: statistics.median(r["wall"] for r in runs) for name, runs in results.items()}
-    rss = {name: statistics.median(r["rss_kib"] for r in runs) / 1024 for name, runs in results.items()}
+    wall = {name: median([r.seconds for r in runs]) for name, runs in results.items()}
+    rss = {name: median([r.peak_rss for r in runs]) / (1024 * 1024) for name, runs in results.items()}
+    print(cpu_description())
     print(f"runs per variant: {args.runs}, max_steps: {args.steps}, OMP_NUM_THREADS: {os.environ.get('OMP_NUM_THREADS', '1')}")
     print(f"fixed overhead (median wall difference): {wall['pipeline'] - wall['bare']:.2f} s")
     for name in ("bare", "pipeline"):
-        walls = ", ".join(f"{r['wall']:.2f}" for r in results[name])
+        walls = ", ".join(f"{r.seconds:.2f}" for r in results[name])
         print(f"{name:9s} median wall {wall[name]:7.2f} s  median peak RSS {rss[name]:7.1f} MiB  (walls: {walls})")
     print(f"wall ratio pipeline/bare: {wall['pipeline'] / wall['bare']:.3f} (goal <= 1.05)")
     print(f"peak RSS ratio pipeline/bare: {rss['pipeline'] / rss['bare']:.3f}")
