@@ -56,8 +56,9 @@ HASH_CHUNK = 1 << 20
 RELEASE_NAME_CHARS = 16
 # Space kept free beyond the upload itself: release manifests, links, the inference run's temp files.
 DISK_MARGIN_BYTES = 64 << 20
-# NOTE: an estimate of the slowest board-side hashing (SD card on the OrangePi), used only to size
-# the timeout of the verify and finish steps; a slower board needs a larger deploy.transfer_timeout.
+# NOTE: an estimate of the slowest board-side hashing (SD card on the OrangePi), not a measurement.
+# It only sizes the timeout of the verify and finish steps, so a slower board needs a larger
+# deploy.transfer_timeout.
 BOARD_HASH_BYTES_PER_S = 20e6
 PROGRESS_LOG_INTERVAL_S = 10.0
 
@@ -90,7 +91,7 @@ class Release:
 
 @dataclass
 class PublishReport:
-    """What a publish did, for logs and ``metrics/deploy.json``."""
+    """Counts and timings of one publish, for logs and ``metrics/deploy.json``."""
 
     release: str
     remote_dir: str

@@ -98,7 +98,8 @@ def test_remote_dir_is_quoted(board_standin, board_conn, remote_dir, deploy_data
 
     assert metrics["failed"] == 0
     assert current_release(odd) == metrics["release"]
-    assert not list(REPO.glob("pwned")) and not list(Path.home().glob("pwned"))
+    assert not (REPO / "pwned").exists()
+    assert not (Path.home() / "pwned").exists()
 
 
 # --------------------------------------------------------------------------- target and helpers
