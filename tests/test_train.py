@@ -226,3 +226,61 @@ def test_deepspeed_config_checked(tmp_path: Path, tiny_model_dir: Path, tiny_dat
     assert "the deepspeed package is not installed" in process.stderr
     assert "Running training" not in process.stderr
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_changes_steps(tmp_path: Path, tiny_model_dir: Path, tiny_dataset_dir: Path) -> None:
+    """Run this repository's `train` stage under `dvc repro` and `dvc exp run -S`, in a scratch Git + DVC repo."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.model_fixtures import REPO
+
+    repo = tmp_path / "repo"
+    (repo / "stages").mkdir(parents=True)
+    for name in ("__init__.py", "train.py", "common.py", "config.py"):
+        shutil.copy(REPO / "stages" / name, repo / "stages" / name)
+    shutil.copytree(tiny_dataset_dir, repo / "data" / "dataset")
+    shutil.copytree(tiny_model_dir, repo / "models" / "base")
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    # check_params depends on the whole params.yaml: an undeclared key reruns nothing else.
+    subset = {"check_params": stages["check_params"], "train": stages["train"]}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": subset}), encoding="utf-8")
+    # DVC needs every declared param in the file, so start from the repository's params.yaml.
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    # 8 samples in batches of 2: 4 steps per epoch.
+    params["train"].update(epochs=1.0, max_steps=0, per_device_train_batch_size=2, lora_rank=4, seed=7)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+
+    def run(*command: str, check: bool = True) -> subprocess.CompletedProcess:
+        process = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
+        if check and process.returncode != 0:
+            raise AssertionError(f"{' '.join(command)} exited {process.returncode}:\n{process.stderr[-3000:]}")
+        return process
+
+    run("git", "init", "-q")
+    run("git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q", "--allow-empty", "-m", "init")
+    run("dvc", "init", "-q")
+    run("dvc", "repro", "train")
+    run("git", "add", "-A")
+    run("git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q", "-m", "train 1 epoch")
+    run("dvc", "exp", "run", "-S", "train.epochs=3")
+
+    shown = json.loads(run("dvc", "exp", "show", "--json").stdout)
+    steps = {}
+    for commit in shown:
+        for experiment in [commit, *(commit.get("experiments") or [])]:
+            for revision in experiment.get("revs") or [experiment]:
+                data = revision.get("data") or {}
+                epochs = data["params"]["params.yaml"]["data"]["train"]["epochs"]
+                summary = data["metrics"]["metrics/train/metrics.json"]["data"]
+                steps[epochs] = summary["train"]["global_step"]
+    assert steps == {1.0: 4, 3.0: 12}
+
+    misspelt = run("dvc", "exp", "run", "-S", "+train.epoch=3", check=False)
+    assert misspelt.returncode != 0
+    assert "Unknown key `train.epoch`" in misspelt.stdout + misspelt.stderr
+    assert "Did you mean `train.epochs`?" in misspelt.stdout + misspelt.stderr
