@@ -183,3 +183,15 @@ def test_ascend_workaround_path_matches_transformers(tiny_model_dir: Path, board
     board = _mindnlp_tokens(board_model_dir, requests, "--ascend-workarounds")
 
     assert board["0"] == _transformers_tokens(tiny_model_dir, images[0])
+
+
+@pytest.mark.slow
+def test_llamafactory_export_matches_transformers(merged_model_dir: Path, tmp_path: Path) -> None:
+    """The merge stage's real LLaMA-Factory export, after board_export, gives transformers' tokens in MindNLP."""
+    board = tmp_path / "board"
+    export(merged_model_dir, board)
+    requests, images = _write_requests(tmp_path / "requests", [(112, 84)])
+
+    tokens = _mindnlp_tokens(board, requests)
+
+    assert tokens["0"] == _transformers_tokens(merged_model_dir, images[0])
