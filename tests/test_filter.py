@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import random
 import struct
 import tarfile
+import threading
 import zlib
 from collections import deque
 from concurrent.futures import Future
@@ -26,7 +28,7 @@ from PIL import Image
 
 from stages.common import StageError
 from stages.config import FilterParams
-from stages.filter import Task, _Batch, _pop_batch, main, rescale_to_8bit, run_filter, to_rgb
+from stages.filter import Task, _Batch, _pop_batch, main, normalise_image, rescale_to_8bit, run_filter, to_rgb
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
 
@@ -303,6 +305,20 @@ def test_worker_count_same_output(filtered: dict[str, Any], tmp_path: Path) -> N
         assert (tmp_path / "out" / name).read_bytes() == (filtered["root"] / "filtered" / name).read_bytes(), name
 
 
+def test_workers_beside_thread_same_output(filtered: dict[str, Any], tmp_path: Path) -> None:
+    # With another thread running, the workers start from a forkserver instead of a fork.
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        run_filter(filtered["root"] / "downloaded", tmp_path / "out", FilterParams(workers=2), tmp_path / "m.json")
+    finally:
+        stop.set()
+        thread.join()
+    for name in ("part-00000.parquet", "part-00001.parquet", "manifest.jsonl"):
+        assert (tmp_path / "out" / name).read_bytes() == (filtered["root"] / "filtered" / name).read_bytes(), name
+
+
 def test_empty_shard_writes_empty_part(tmp_path: Path) -> None:
     write_shard(tmp_path / "in", 0, [(download_record(1, None), None)])
     write_shard(tmp_path / "in", 1, [(download_record(2, CLEAN_JPEG), CLEAN_JPEG)])
@@ -387,3 +403,40 @@ def test_dead_worker_raises_stage_error() -> None:
     pending = deque([_Batch(tasks=[Task(0, {"line": 7}, None)], known=[None], future=future)])
     with pytest.raises(StageError, match="a decoding process died at or near line 7"):
         _pop_batch(pending)
+
+
+def full_decode_reason(data: bytes) -> str | None:
+    """Return the drop reason a full ``load()`` of ``data`` gives, or None when it decodes."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except OSError as exc:
+        return "truncated" if "truncated" in str(exc).lower() else "decode error"
+    return None
+
+
+def test_clean_jpeg_corruption_like_full_decode() -> None:
+    # A kept-as-is JPEG is validated at 1/8 scale: every corruption of its
+    # scan data must get the same outcome as a full decode.
+    source = encode(Image.effect_noise((160, 120), 50).convert("RGB"), "JPEG", quality=90)
+    scan = source.index(b"\xff\xda") + 20  # past the start-of-scan header
+    rng = random.Random(0)
+    outcomes = set()
+    for trial in range(300):
+        data = bytearray(source)
+        if trial % 3 == 0:
+            data = data[: rng.randrange(scan, len(data))]
+        elif trial % 3 == 1:
+            for _ in range(rng.randrange(1, 30)):
+                data[rng.randrange(scan, len(data) - 2)] ^= 1 << rng.randrange(8)
+        else:
+            start = rng.randrange(scan, len(data) - 2)
+            length = min(rng.randrange(1, 400), len(data) - start)
+            data[start : start + length] = rng.randbytes(length)
+        expected = full_decode_reason(bytes(data))
+        outcomes.add(expected)
+        assert normalise_image(bytes(data), PARAMS).reason == expected, f"trial {trial}"
+    # The trials must include both corruptions that decode and ones that fail.
+    assert None in outcomes
+    assert "truncated" in outcomes
+
