@@ -1,4 +1,4 @@
-"""Release operations that run on the board: probe, verify, finish uploads, assemble, activate, roll back.
+"""Release operations that run on the board: probe and verify, finish uploads, assemble, activate, roll back.
 
 The deploy stage (``stages/board_release.py``) sends this file to the board's
 Python on stdin and names one operation and its JSON arguments on the command
@@ -158,19 +158,17 @@ def _writable(path):
 
 
 def probe(args):
-    """Report the board's Python, MindSpore/MindNLP versions, tools, free space and stored objects."""
+    """Report the board's Python, MindSpore/MindNLP versions, tools, free space and stored objects.
+
+    With ``"verify": true`` it also hashes every stored object named in
+    ``objects`` and deletes those whose content no longer matches their name
+    (reported as ``corrupt``), but only when MindSpore and MindNLP are
+    installed and ``remote_dir`` is writable: a board that fails those checks
+    gets its error before minutes of hashing.
+    """
     root = os.path.abspath(args["remote_dir"])
     free, free_path = _free_bytes(root)
-    objects = {}
-    for sha in args.get("objects", {}):
-        path = os.path.join(root, "objects", _check_sha(sha))
-        if os.path.isfile(path):
-            objects[sha] = {"state": "complete", "size": os.path.getsize(path)}
-        elif os.path.isfile(path + ".part"):
-            objects[sha] = {"state": "partial", "size": os.path.getsize(path + ".part")}
-        else:
-            objects[sha] = {"state": "missing", "size": 0}
-    return {
+    result = {
         "remote_dir": root,
         "python": platform.python_version(),
         "executable": sys.executable,
@@ -181,26 +179,26 @@ def probe(args):
         "free_bytes": free,
         "free_path": free_path,
         "writable": _writable(root),
-        "objects": objects,
         "current": _link_target(root, "current"),
         "previous": _link_target(root, "previous"),
         "releases": _releases(root),
     }
-
-
-def verify(args):
-    """Hash every complete object named in ``objects``; delete those whose content does not match."""
-    root = os.path.abspath(args["remote_dir"])
-    result = {"ok": [], "corrupt": [], "missing": []}
-    for sha, size in sorted(args["objects"].items()):
+    verify = bool(args.get("verify") and result["mindspore"] and result["mindnlp"] and result["writable"])
+    objects = {}
+    for sha, size in sorted(args.get("objects", {}).items()):
         path = os.path.join(root, "objects", _check_sha(sha))
-        if not os.path.isfile(path):
-            result["missing"].append(sha)
-        elif os.path.getsize(path) != size or _sha256(path) != sha:
-            os.unlink(path)
-            result["corrupt"].append(sha)
+        if os.path.isfile(path):
+            if verify and (os.path.getsize(path) != size or _sha256(path) != sha):
+                os.unlink(path)
+                objects[sha] = {"state": "corrupt", "size": 0}
+            else:
+                objects[sha] = {"state": "complete", "size": os.path.getsize(path)}
+        elif os.path.isfile(path + ".part"):
+            objects[sha] = {"state": "partial", "size": os.path.getsize(path + ".part")}
         else:
-            result["ok"].append(sha)
+            objects[sha] = {"state": "missing", "size": 0}
+    result["objects"] = objects
+    result["verified"] = verify
     return result
 
 
@@ -372,7 +370,6 @@ def status(args):
 
 OPERATIONS = {
     "probe": probe,
-    "verify": verify,
     "finish": finish,
     "assemble": assemble,
     "activate": activate,

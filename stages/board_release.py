@@ -10,8 +10,9 @@ lines, sorted by path), so the same content always gets the same name.
 
 1. probe the board (``deploy/board_ops.py probe``): Python, MindSpore/MindNLP
    versions, ``timeout``/``pkill``, free space, which objects are stored;
-2. hash on the board every stored object the release needs, deleting any
-   that no longer matches its name, so corruption there is re-uploaded;
+2. in the same call, hash on the board every stored object the release
+   needs, deleting any that no longer matches its name, so corruption there
+   is re-uploaded;
 3. check free space for what is left to send, before sending a byte;
 4. upload each missing object to ``objects/<sha256>.part``, appending from
    the size already there (an interrupted upload resumes), with pipelined
@@ -57,7 +58,7 @@ RELEASE_NAME_CHARS = 16
 # Space kept free beyond the upload itself: release manifests, links, the inference run's temp files.
 DISK_MARGIN_BYTES = 64 << 20
 # NOTE: an estimate of the slowest board-side hashing (SD card on the OrangePi), not a measurement.
-# It only sizes the timeout of the verify and finish steps, so a slower board needs a larger
+# It only sizes the timeout of the probe and finish steps, so a slower board needs a larger
 # deploy.transfer_timeout.
 BOARD_HASH_BYTES_PER_S = 20e6
 PROGRESS_LOG_INTERVAL_S = 10.0
@@ -249,10 +250,22 @@ def publish(
     timeout = conn.target.transfer_timeout
     objects = release.objects()
 
-    probe = board_op(conn, python, "probe", {"remote_dir": remote_dir, "objects": objects}, timeout)
+    # One round trip probes the board and hashes the objects it already stores.
+    verify_start = time.monotonic()
+    probe = board_op(
+        conn,
+        python,
+        "probe",
+        {"remote_dir": remote_dir, "objects": objects, "verify": True},
+        timeout + release.total_bytes / BOARD_HASH_BYTES_PER_S,
+    )
     check_board(conn, probe, python)
     root = probe["remote_dir"]
     report = PublishReport(release.name, root, len(release.files), release.total_bytes, board=probe)
+    report.verify_s = time.monotonic() - verify_start
+    report.corrupt_on_board = sorted(sha for sha, state in probe["objects"].items() if state["state"] == "corrupt")
+    for sha in report.corrupt_on_board:
+        log.warning("board %s: stored object %s did not match its hash; uploading it again", conn.host, sha[:16])
     log.info(
         "board %s: Python %s, MindSpore %s, MindNLP %s, %.1f GB free under %s; current release %s",
         conn.host,
@@ -264,24 +277,10 @@ def publish(
         probe["current"] or "none",
     )
 
-    stored = {sha: size for sha, size in objects.items() if probe["objects"][sha]["state"] == "complete"}
-    verify_start = time.monotonic()
-    if stored:
-        checked = board_op(
-            conn,
-            python,
-            "verify",
-            {"remote_dir": root, "objects": stored},
-            timeout + sum(stored.values()) / BOARD_HASH_BYTES_PER_S,
-        )
-        report.corrupt_on_board = checked["corrupt"]
-        for sha in checked["corrupt"]:
-            log.warning("board %s: stored object %s did not match its hash; uploading it again", conn.host, sha[:16])
-    report.verify_s = time.monotonic() - verify_start
-
+    stored = {sha for sha in objects if probe["objects"][sha]["state"] == "complete"}
     offsets = {}
     for sha, size in objects.items():
-        if sha in stored and sha not in report.corrupt_on_board:
+        if sha in stored:
             report.objects_skipped += 1
             continue
         state = probe["objects"][sha]
