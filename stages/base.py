@@ -343,7 +343,20 @@ def _from_hub(hub: str, model_id: str, revision: str, dest: Path) -> None:
             "`base.source: local` with `base.local_path`."
         ) from exc
     check_checkpoint(download, origin)
-    _copy_checkpoint(download, dest)
+    if any(path.is_symlink() for path in download.rglob("*")):
+        # Links into a hub cache: copy the files they point to, so DVC tracks real files.
+        _copy_checkpoint(download, dest)
+        return
+    # The download already sits in the stage's temporary folder: move it rather than copy
+    # gigabytes, after dropping the hub clients' hidden bookkeeping (.cache, .msc, .mv).
+    for entry in download.iterdir():
+        if not entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    download.rename(dest)
 
 
 def _from_local(local_path: str, dest: Path) -> None:

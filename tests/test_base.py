@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -141,6 +142,32 @@ def test_huggingface_offline_error(tmp_path: Path, loopback_only: list[str]) -> 
         base.materialise(base.load_params(params_file).base, out)
     assert not out.exists()
     assert loopback_only == []
+
+
+@pytest.mark.parametrize(("hub", "module"), [("modelscope", "modelscope"), ("huggingface", "huggingface_hub")])
+def test_hub_download_moved_into_place(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, hub: str, module: str
+) -> None:
+    import importlib
+
+    calls = []
+
+    def fake_snapshot_download(model_id: str, revision: str, local_dir: str) -> str:
+        # Stands in for the hub: the files of a real checkpoint plus the client's hidden bookkeeping.
+        calls.append((model_id, revision))
+        shutil.copytree(tiny_model_dir, local_dir)
+        (Path(local_dir) / ".cache" / "huggingface").mkdir(parents=True)
+        (Path(local_dir) / ".msc").write_text("{}", encoding="utf-8")
+        return local_dir
+
+    monkeypatch.setattr(importlib.import_module(module), "snapshot_download", fake_snapshot_download)
+    out = tmp_path / "base"
+
+    base.materialise(base.BaseParams(source=hub, model_id="Qwen/Qwen2-VL-2B-Instruct", revision="abc123"), out)
+
+    assert calls == [("Qwen/Qwen2-VL-2B-Instruct", "abc123")]
+    assert _files(out) == _files(tiny_model_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
 
 
 def test_local_copy(tmp_path: Path, tiny_model_dir: Path) -> None:
