@@ -22,9 +22,9 @@ Run (tiny model, CPU, about 20 s)::
   same ``DVCLiveCallback``.
 
 Before training, the stage rejects a ``convert.cutoff_len`` that is too small
-for the dataset: a sample longer than the cutoff is truncated through its
-image tokens, and Qwen2-VL then fails at the first step with "Image features
-and image tokens do not match".
+for the dataset. LLaMA-Factory truncates a longer sample, which can cut
+through its image tokens, and Qwen2-VL then fails at the first step with
+"Image features and image tokens do not match".
 
 Covered by tests on CPU: one process, two gloo processes, the cutoff check,
 bit-identical adapters for one seed. Not run here: GPUs, bf16/fp16,
@@ -230,6 +230,8 @@ def build_config(params: Params, dataset_dir: Path, base_dir: Path, out_dir: Pat
         "dataset_dir": str(dataset_dir),
         # Images are stored as bytes in the parquet files; a relative path would resolve here.
         "media_dir": str(dataset_dir),
+        # NOTE: LLaMA-Factory 0.9.5 concatenates the split's parquet files in os.listdir order, so with
+        # several shards the sample order, and with it the trained weights, can differ on another filesystem.
         "dataset": TRAIN_DATASET,
         "cutoff_len": convert.cutoff_len,
         "image_max_pixels": convert.image_max_pixels,
