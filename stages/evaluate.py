@@ -26,8 +26,8 @@ into words the way LLaMA-Factory's jieba-based ROUGE expects:
   NLTK ``sentence_bleu`` over the characters (spaces included) with smoothing
   method 3, averaged over samples. The reference is LLaMA-Factory's decoded
   label, which with the ``qwen2_vl`` template ends in the newline after
-  ``<|im_end|>``; predictions stop before it, so the score is a little lower
-  than against the bare caption, exactly as in LLaMA-Factory's own report.
+  ``<|im_end|>``. Predictions stop before that newline, so the score is a
+  little lower than against the bare caption, as in LLaMA-Factory's report.
 
 Not covered: sampling-based decoding and multi-GPU prediction.
 """
@@ -245,16 +245,17 @@ def evaluate(
     dataset_dir, merged_dir, base_dir, out_dir = map(Path, (dataset_dir, merged_dir, base_dir, out_dir))
     samples = read_test_split(dataset_dir, params.evaluate.max_samples)
     references = [s["reference"] for s in samples]
+    models = {"merged": merged_dir}
+    if params.evaluate.score_base:
+        models["base"] = base_dir
+    for model_dir in models.values():
+        if not (model_dir / "config.json").is_file():
+            raise StageError(f"{model_dir}/config.json not found; run the stage that writes it (dvc repro).")
     log.info("evaluating on %d test samples", len(samples))
     with atomic_path(out_dir) as tmp:
-        models = {"merged": merged_dir}
-        if params.evaluate.score_base:
-            models["base"] = base_dir
         outputs: dict[str, list[str]] = {}
         labels: list[str] = []
         for name, model_dir in models.items():
-            if not (model_dir / "config.json").is_file():
-                raise StageError(f"{model_dir}/config.json not found; run the stage that writes it (dvc repro).")
             log.info("generating with the %s model %s", name, model_dir)
             config = build_config(params, dataset_dir, model_dir, tmp / name)
             outputs[name], labels = predict(config, samples, out_dir / name)
