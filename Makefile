@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 # The board runs Python 3.9; pyenv's 3.9 is used when present.
-BOARD_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.9.*/bin/python3.9) $(shell command -v python3.9 2>/dev/null))
+BOARD_PYTHON ?= $(firstword $(wildcard $(or $(PYENV_ROOT),$(HOME)/.pyenv)/versions/3.9.*/bin/python3.9) $(shell command -v python3.9 2>/dev/null))
 VENV := .venv
 BOARD_VENV := .venv-board
 BENCH_VENV := .venv-bench
@@ -20,7 +20,6 @@ help: ## List the targets
 $(VENV)/.installed: requirements/host.txt requirements/host.lock
 	@echo ">>> Creating the pipeline environment in $(VENV) (torch, LLaMA-Factory, DVC; a few minutes, ~7 GB)"
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --upgrade --quiet pip
 	$(VENV)/bin/pip install --quiet -r requirements/host.txt -c requirements/host.lock
 	touch $@
 
@@ -41,9 +40,9 @@ install-board: $(BOARD_VENV)/.installed ## Create the board stand-in venv (.venv
 sshd: ## Install OpenSSH server when missing (needs root or sudo)
 	@if command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ]; then exit 0; fi; \
 	echo ">>> Installing openssh-server for the board stand-in"; \
-	if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq openssh-server openssh-client; \
-	elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo apt-get install -y -qq openssh-server openssh-client; \
-	else echo "error: sshd not found and no root access. Install the openssh-server package, then rerun." >&2; exit 1; fi
+	if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client; \
+	elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client; \
+	else echo "error: sshd not found, and neither root nor sudo is available to install it. Install the openssh-server package, then rerun." >&2; exit 1; fi
 
 board: install install-board sshd ## Start the board stand-in: sshd on 127.0.0.1 as you, with its own keys
 	$(BIN)/python -m tools.board_standin start
@@ -52,14 +51,18 @@ board-stop: ## Stop the board stand-in
 	$(BIN)/python -m tools.board_standin stop
 
 repro: board ## Set up everything and run the whole pipeline on the embedded sample
-	@echo ">>> dvc repro"
+	@echo ">>> dvc repro (stages whose inputs did not change are skipped)"
 	$(BIN)/dvc repro
+	@echo ">>> The board's answers beside the references (data/deploy/answers.jsonl)"
+	@cat data/deploy/answers.jsonl
+	@echo ">>> dvc metrics show (the deploy row has the board's latency and failed requests)"
 	$(BIN)/dvc metrics show
 
 test: install install-board sshd ## Run the whole test suite
+	@echo ">>> pytest (the end-to-end tests run the whole pipeline in temporary copies)"
 	$(BIN)/python -m pytest
 
-test-fast: install ## Run the tests that need neither training nor the board
+test-fast: install install-board sshd ## Run the tests not marked slow (no training, no whole pipeline)
 	$(BIN)/python -m pytest -m "not slow"
 
 $(BENCH_VENV)/.installed: bench/requirements-bench.txt
