@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import sys
 import types
 import typing
@@ -118,12 +120,9 @@ class FilterParams:
                 "so use a value below 200."
             )
         _check_min("filter.max_pixels", self.max_pixels, self.min_side * self.min_side)
-        if len(self.background) != 7 or not self.background.startswith("#"):
+        # int(x, 16) alone would accept a sign, spaces and underscores.
+        if not re.fullmatch(r"#[0-9a-fA-F]{6}", self.background):
             raise ParamsError(f"`filter.background` is {self.background!r}; write a colour as #rrggbb.")
-        try:
-            int(self.background[1:], 16)
-        except ValueError:
-            raise ParamsError(f"`filter.background` is {self.background!r}; write a colour as #rrggbb.") from None
         if not 1 <= self.jpeg_quality <= 95:
             raise ParamsError(f"`filter.jpeg_quality` is {self.jpeg_quality}; use 1-95.")
         _check_min("filter.workers", self.workers, 0)
@@ -197,7 +196,17 @@ class TrainParams:
     epochs: float = _help("Training epochs (num_train_epochs).", 2.0)
     max_steps: int = _help("Stop after this many optimizer steps (0 = run all epochs).", 0)
     learning_rate: float = _help("Peak learning rate.", 1.0e-4)
-    lr_scheduler_type: str = _help("transformers scheduler name: cosine, linear, constant, ...", "cosine")
+    lr_scheduler_type: Literal[
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+        "constant",
+        "constant_with_warmup",
+        "inverse_sqrt",
+        "cosine_with_min_lr",
+        "warmup_stable_decay",
+    ] = _help("transformers learning-rate scheduler (SchedulerType) name.", "cosine")
     warmup_ratio: float = _help("Fraction of steps spent warming up.", 0.1)
     per_device_train_batch_size: int = _help("Samples per device per step.", 2)
     gradient_accumulation_steps: int = _help("Steps accumulated per optimizer update.", 1)
@@ -236,6 +245,12 @@ class TrainParams:
             raise ParamsError(f"`train.node_rank` is {self.node_rank}; it must be in [0, train.nnodes={self.nnodes}).")
         if not self.lora_target:
             raise ParamsError("`train.lora_target` is empty; use `all` or comma-separated module names.")
+        if not 1 <= self.master_port <= 65535:
+            raise ParamsError(f"`train.master_port` is {self.master_port}; use 1-65535.")
+        if not self.master_addr:
+            raise ParamsError("`train.master_addr` is empty; set the rank-0 node address (127.0.0.1 for one node).")
+        if not self.template:
+            raise ParamsError("`train.template` is empty; use qwen2_vl for Qwen2-VL models.")
 
 
 @dataclass(frozen=True)
@@ -279,6 +294,8 @@ class DeployParams:
     run_timeout: float = _help("Whole remote inference run, seconds; the remote process group is killed after it.", 600.0)
 
     def __post_init__(self) -> None:
+        if not self.host:
+            raise ParamsError("`deploy.host` is empty; set the board address (127.0.0.1 for the stand-in).")
         if not 1 <= self.port <= 65535:
             raise ParamsError(f"`deploy.port` is {self.port}; use 1-65535.")
         _check_min("deploy.samples", self.samples, 1)
@@ -353,6 +370,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             if isinstance(value, str) and "e" in value.lower():
                 hint = " YAML reads `1e-4` as a string: write `1.0e-4`."
             raise ParamsError(f"`{key}` is {value!r}; expected a number.{hint}")
+        # YAML reads .nan and .inf as floats, and every range check below passes NaN.
+        if not math.isfinite(value):
+            raise ParamsError(f"`{key}` is {value!r}; expected a finite number.")
         return float(value)
     if annotation is str:
         if value is None:
@@ -375,7 +395,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         key = unknown[0]
         close = difflib.get_close_matches(str(key), names, n=1)
         hint = f" Did you mean `{prefix}.{close[0]}`?" if close else f" Known keys: {', '.join(names)}."
-        raise ParamsError(f"Unknown key `{prefix}.{key}` in params.yaml.{hint}")
+        raise ParamsError(f"Unknown key `{prefix}.{key}`.{hint}")
     values = {}
     for name in names:
         if name in raw:
@@ -396,7 +416,7 @@ def parse_params(raw: Any) -> Params:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" Did you mean `{close[0]}`?" if close else f" Known sections: {', '.join(names)}."
-            raise ParamsError(f"Unknown section `{key}` in params.yaml.{hint}")
+            raise ParamsError(f"Unknown section `{key}`.{hint}")
         sections[key] = _build(hints[key], value, key)
     return Params(**sections)
 

@@ -65,6 +65,19 @@ def test_unknown_section_rejected() -> None:
         ("split", "test_size", 2.5, "whole count"),
         ("deploy", "port", 70000, "1-65535"),
         ("base", "source", "ollama", "expected one of"),
+        ("split", "test_size", float("nan"), "finite number"),
+        ("split", "train_size", float("inf"), "finite number"),
+        ("train", "learning_rate", float("nan"), "finite number"),
+        ("download", "read_timeout", float("nan"), "finite number"),
+        ("download", "deadline", float("inf"), "finite number"),
+        ("deploy", "run_timeout", float("nan"), "finite number"),
+        ("filter", "background", "#-12345", "#rrggbb"),
+        ("filter", "background", "#ff_fff", "#rrggbb"),
+        ("filter", "background", "# fffff", "#rrggbb"),
+        ("train", "master_port", 70000, "1-65535"),
+        ("train", "master_port", -5, "1-65535"),
+        ("train", "lr_scheduler_type", "bogus", "expected one of"),
+        ("deploy", "host", "", "is empty"),
     ],
 )
 def test_bad_value_names_key(section: str, key: str, value: object, fragment: str) -> None:
@@ -111,3 +124,20 @@ def test_cli_missing_file(tmp_path: Path) -> None:
 def test_empty_image_root_rejected() -> None:
     with pytest.raises(ParamsError, match="`data.image_root` is empty"):
         parse_params(_params(data={"image_root": ""}))
+
+
+def test_nan_from_yaml_rejected(tmp_path: Path) -> None:
+    # YAML's own spellings of NaN and infinity are floats, not strings.
+    text = (REPO / "params.yaml").read_text(encoding="utf-8").replace("test_size: 0.2", "test_size: .nan")
+    bad = tmp_path / "params.yaml"
+    bad.write_text(text, encoding="utf-8")
+    with pytest.raises(ParamsError, match="`split.test_size` is nan; expected a finite number"):
+        load_params(bad)
+
+
+def test_unknown_key_names_file_once(tmp_path: Path) -> None:
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(_params(train={"epoch": 3})), encoding="utf-8")
+    with pytest.raises(ParamsError) as err:
+        load_params(bad)
+    assert str(err.value).count("params.yaml") == 1
