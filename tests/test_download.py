@@ -48,7 +48,7 @@ FAST = {
 }
 
 
-def make_params(image_root: str = "", limit: int = 0, **download_params: Any) -> Params:
+def make_params(image_root: str = str(SAMPLE / "images"), limit: int = 0, **download_params: Any) -> Params:
     return parse_params({
         "data": {"lang": "ko", "source": "unused.jsonl", "image_root": image_root, "limit": limit},
         "download": {**FAST, **download_params},
@@ -299,9 +299,11 @@ def test_local_path(tmp_path: Path, image_root: Path, image_path: str, status: s
     assert entry["reason"] == reason
 
 
-def test_relative_path_without_root(tmp_path: Path) -> None:
-    (entry,) = download_urls(tmp_path, ["a.jpg"])
-    assert entry["reason"] == "no image_root"
+def test_relative_path_without_root() -> None:
+    # params.yaml cannot leave data.image_root empty, but a caller of resolve_target can.
+    result = resolve_target("a.jpg", None)
+    assert isinstance(result, fetch.FetchResult)
+    assert result.reason == "no image_root"
 
 
 def test_target_resolution_never_reads_outside(tmp_path: Path, image_root: Path) -> None:
@@ -441,7 +443,7 @@ def test_output_independent_of_completion_order(server: LoopbackServer, tmp_path
 
 
 def _write_params_file(path: Path, **download_params: Any) -> Path:
-    params = {"data": {"lang": "ko", "source": "unused.jsonl", "image_root": "", "limit": 0},
+    params = {"data": {"lang": "ko", "source": "unused.jsonl", "image_root": str(SAMPLE / "images"), "limit": 0},
               "download": {**FAST, **download_params}}
     path.write_text(yaml.safe_dump(params), encoding="utf-8")
     return path
