@@ -17,8 +17,12 @@ Check a file by hand::
 Covered:
 
 - a UTF-8 BOM, CRLF line ends, blank lines and lines over :data:`MAX_LINE_BYTES`;
-- invalid JSON or UTF-8 (the detail names the line and column), and lines that
-  are JSON but not objects;
+- invalid JSON or UTF-8 (the detail names the line and column), a key repeated
+  within one object (json.loads would keep the last value silently), and lines
+  that are JSON but not objects;
+- a string anywhere in the line with a lone surrogate escape (``"\\ud800"``),
+  which json.loads accepts but UTF-8 cannot encode, so the manifest could not
+  be written;
 - missing or ill-typed required fields, and captions that are blank or only markup;
 - a ``captions.lang`` other than ``data.lang``;
 - a repeated ``img_id``, where the first valid record is kept;
@@ -237,9 +241,11 @@ def parse_line(raw: bytes, number: int, lang: str) -> LineResult:
             detail=f"line {number}: not valid UTF-8 at byte {exc.start}",
         )
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         return LineResult(number, raw, reason=INVALID_JSON, detail=f"line {number}: {exc.msg} at column {exc.colno}")
+    except _DuplicateKeyError as exc:
+        return LineResult(number, raw, reason=INVALID_JSON, detail=f"line {number}: duplicate key {exc.key}")
     except RecursionError:
         return LineResult(number, raw, reason=INVALID_JSON, detail=f"line {number}: nested too deeply to parse")
 
@@ -247,6 +253,14 @@ def parse_line(raw: bytes, number: int, lang: str) -> LineResult:
         return LineResult(
             number, raw, reason=NOT_AN_OBJECT,
             detail=f"line {number}: a JSON {type(value).__name__}, expected an object",
+        )
+
+    # A lone surrogate can only come from a \uXXXX escape, because `text` was decoded from UTF-8.
+    surrogate_at = _find_lone_surrogate(value) if "\\u" in text else None
+    if surrogate_at is not None:
+        return LineResult(
+            number, raw, reason=INVALID_FIELD,
+            detail=f"line {number}: `{surrogate_at}` contains a lone UTF-16 surrogate escape, which UTF-8 cannot encode",
         )
 
     img_id = value.get("img_id") if isinstance(value.get("img_id"), str) else None
@@ -260,6 +274,46 @@ def parse_line(raw: bytes, number: int, lang: str) -> LineResult:
             img_id=img_id, image_path=image_path,
         )
     return LineResult(number, raw, record=record, img_id=record.img_id, image_path=record.image_path)
+
+
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Build a JSON object, raising _DuplicateKeyError instead of letting the last duplicate key win."""
+    result: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in result:
+            raise _DuplicateKeyError(ascii(key)[1:-1])
+        result[key] = item
+    return result
+
+
+def _find_lone_surrogate(value: Any, where: str = "") -> str | None:
+    """Return the path of the first string (key or value) in ``value`` that UTF-8 cannot encode, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{where}.{ascii(key)[1:-1]}" if where else ascii(key)[1:-1]
+            if _find_lone_surrogate(key) is not None:
+                return name
+            found = _find_lone_surrogate(item, name)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _find_lone_surrogate(item, f"{where}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _require(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:

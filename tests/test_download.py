@@ -332,6 +332,22 @@ def test_sample_end_to_end(tmp_path: Path) -> None:
     assert len(members) == 37
 
 
+def test_surrogate_line_dropped(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(JPEG)
+    good = json.dumps(record(1, "a.jpg"), ensure_ascii=False)
+    bad = good.replace("테스트 그림 1", "\\ud800").replace(record(1, "a.jpg")["img_id"], "bad")
+    source = tmp_path / "source.jsonl"
+    source.write_text(bad + "\n" + good + "\n", encoding="utf-8")
+    summary = run(source, tmp_path / "out", make_params(image_root=str(root)), tmp_path / "metrics.json")
+    assert summary.metrics["records"] == 2
+    assert summary.metrics["kept"] == 1
+    dropped = read_manifests(tmp_path / "out")[0]
+    assert dropped["reason"] == "invalid field"
+    assert dropped["detail"].startswith("line 1: `captions.content` contains a lone UTF-16 surrogate")
+
+
 def test_sample_images_as_documented() -> None:
     from PIL import Image
 

@@ -116,6 +116,53 @@ def test_invalid_record_reason(record: dict[str, Any], reason: str, detail_part:
     assert detail_part in result.detail
 
 
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (rb'{"img_id": "\ud800", "image": {"path": "a.jpg"}, "captions": {"content": "a", "lang": "ko"}}', "img_id"),
+        (rb'{"img_id": "a", "image": {"path": "\udfff.jpg"}, "captions": {"content": "a", "lang": "ko"}}',
+         "image.path"),
+        (rb'{"img_id": "a", "image": {"path": "a.jpg"}, "captions": {"content": "\ud800", "lang": "ko"}}',
+         "captions.content"),
+        (rb'{"img_id": "a", "image": {"path": "a.jpg"}, "captions": {"content": "a", "lang": "k\ud83d"}}',
+         "captions.lang"),
+        (rb'{"img_id": "a", "image": {"path": "a.jpg"}, "captions": {"content": "a", "lang": "ko"}, '
+         rb'"labels": {"pjwk_cates": {"level1": ["\udc80"]}}}', "labels.pjwk_cates.level1[0]"),
+        (rb'{"img_id": "a", "image": {"path": "a.jpg"}, "captions": {"content": "a", "lang": "ko"}, "\ud800": 1}',
+         "\\ud800"),
+    ],
+)
+def test_lone_surrogate_dropped(raw: bytes, field: str) -> None:
+    result = parse_line(raw, 3, "ko")
+    assert result.reason == "invalid field"
+    assert result.detail == f"line 3: `{field}` contains a lone UTF-16 surrogate escape, which UTF-8 cannot encode"
+    assert result.img_id is None or result.img_id.encode("utf-8")
+    assert result.image_path is None or result.image_path.encode("utf-8")
+
+
+def test_surrogate_pair_kept() -> None:
+    raw = rb'{"img_id": "a", "image": {"path": "a.jpg"}, "captions": {"content": "\ud83d\ude00", "lang": "ko"}}'
+    result = parse_line(raw, 1, "ko")
+    assert result.ok
+    assert result.record is not None
+    assert result.record.caption == "\U0001f600"
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        (b'{"img_id": "a", "img_id": "b", "image": {"path": "a.jpg"}, "captions": {"content": "a", "lang": "ko"}}',
+         "img_id"),
+        (b'{"img_id": "a", "image": {"path": "a.jpg"}, "captions": {"content": "a", "lang": "ko", "lang": "ru"}}',
+         "lang"),
+    ],
+)
+def test_duplicate_key_dropped(raw: bytes, key: str) -> None:
+    result = parse_line(raw, 4, "ko")
+    assert result.reason == "invalid json"
+    assert result.detail == f"line 4: duplicate key {key}"
+
+
 def test_dropped_line_keeps_identity() -> None:
     result = parse(_with("captions.lang", "ru"))
     assert result.img_id == "ab" * 32
