@@ -62,7 +62,7 @@ def test_evaluate_stage_outputs(tmp_path: Path, tiny_model_dir: Path, tiny_datas
     references = [line["reference"] for line in lines]
     generated = (out / "merged" / "generated_predictions.jsonl").read_text(encoding="utf-8").splitlines()
     labels = [json.loads(line)["label"] for line in generated]
-    # The qwen2_vl template ends the answer with <|im_end|> and a newline, which the decoded label keeps.
+    # The qwen2_vl template ends the assistant turn with <|im_end|> and a newline, which the decoded label keeps.
     assert labels == [reference + "\n" for reference in references]
     merged = evaluate.score([line["prediction"] for line in lines], references, labels)
     base = evaluate.score([line["base_prediction"] for line in lines], references, labels)
