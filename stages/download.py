@@ -25,7 +25,8 @@ Within a shard each distinct URL is fetched once.
 Resuming: a shard being built keeps its fetched files and a journal of
 finished fetches in ``OUT_DIR/.shard-NNNNN.partial/``; a rerun after a kill
 fetches only what the journal lacks. A finished shard stores a fingerprint of
-its input lines and fetch params in the tar's global PAX header, and a rerun
+its input lines and fetch params in the tar's global PAX header (also when
+the tar has no member, because every line was dropped), and a rerun
 skips a shard whose fingerprint matches without fetching anything. A shard
 whose input changed reuses the URLs its previous version fetched. Shards past
 the end of the current input are deleted.
@@ -169,12 +170,42 @@ def _shard_key(lines: list[_Line], params_key: str) -> str:
     return digest.hexdigest()
 
 
+_PAX_RECORD = re.compile(rb"(\d+) ([^=\n]+)=")
+
+
 def _read_pax(tar_path: Path) -> dict[str, str]:
+    """Return the global PAX header of a shard tar, or {} when the tar is missing or has none.
+
+    The header is read directly, because tarfile.open rejects a tar that
+    holds a global header and no member ("end of file header"), which is
+    what a shard where every line was dropped looks like.
+    """
     try:
-        with tarfile.open(tar_path, "r:") as tar:
-            return dict(tar.pax_headers)
+        with open(tar_path, "rb") as handle:
+            info = tarfile.TarInfo.frombuf(handle.read(tarfile.BLOCKSIZE), "utf-8", "strict")
+            if info.type != tarfile.XGLTYPE:
+                return {}
+            payload = handle.read(info.size)
     except (OSError, tarfile.TarError):
         return {}
+    if len(payload) != info.size:
+        return {}
+    # Each record is "LENGTH KEY=VALUE\n", where LENGTH counts the whole record.
+    headers: dict[str, str] = {}
+    position = 0
+    while position < len(payload):
+        match = _PAX_RECORD.match(payload, position)
+        if match is None:
+            return {}
+        end = position + int(match.group(1))
+        if end > len(payload) or payload[end - 1:end] != b"\n" or end <= match.end():
+            return {}
+        try:
+            headers[match.group(2).decode("utf-8")] = payload[match.end():end - 1].decode("utf-8")
+        except UnicodeDecodeError:
+            return {}
+        position = end
+    return headers
 
 
 def _read_manifest(path: Path) -> list[dict[str, Any]] | None:
@@ -356,6 +387,8 @@ class _Downloader:
         if not previous:
             return {}
         needed = {outcome.sha256 for outcome in previous.values() if outcome.ok}
+        if not needed:
+            return previous  # only drops; a tar without members cannot be opened by tarfile
         try:
             with tarfile.open(tar_path, "r:") as tar:
                 for member in tar:

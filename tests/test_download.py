@@ -390,6 +390,32 @@ def test_rerun_fetches_nothing(server: LoopbackServer, tmp_path: Path) -> None:
     assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == before
 
 
+def test_all_dropped_shard_skipped_on_rerun(server: LoopbackServer, tmp_path: Path) -> None:
+    source = write_source(tmp_path / "source.jsonl", [server.url("/status/404"), server.url("/html")])
+    params = make_params()
+    run(source, tmp_path / "out", params, tmp_path / "metrics.json")
+    server.clear()
+
+    again = run(source, tmp_path / "out", params, tmp_path / "metrics.json")
+
+    assert server.requests() == []
+    assert again.skipped_shards == 1
+    assert again.fetched == 0
+
+
+def test_all_dropped_shard_drops_reused(server: LoopbackServer, tmp_path: Path) -> None:
+    source = write_source(tmp_path / "source.jsonl", [server.url("/status/404")])
+    run(source, tmp_path / "out", make_params(), tmp_path / "metrics.json")
+    server.clear()
+    write_source(source, [server.url("/status/404"), server.url("/status/410")])
+
+    again = run(source, tmp_path / "out", make_params(), tmp_path / "metrics.json")
+
+    assert server.requests() == ["/status/410"]
+    assert again.reused == 1
+    assert [entry["reason"] for entry in read_manifests(tmp_path / "out")] == ["http 404", "http 410"]
+
+
 def test_shard_layout(server: LoopbackServer, tmp_path: Path) -> None:
     urls = [server.add_image(f"layout{i}.jpg", make_image(30 + i, 30)) for i in range(12)]
     entries = download_urls(tmp_path, urls, shard_size=5)
