@@ -132,7 +132,7 @@ class FilterParams:
 @dataclass(frozen=True)
 class ConvertParams:
     cutoff_len: int = _help(
-        "Maximum tokens per sample, text plus image tokens; longer samples are dropped, never truncated.", 1024
+        "Maximum tokens per sample, text plus image tokens; longer samples are dropped, never truncated.", 2048
     )
     image_max_pixels: int = _help("Images above this many pixels are downscaled before tokenising.", 589_824)
     image_min_pixels: int = _help("Images below this many pixels are upscaled before tokenising.", 1024)
