@@ -93,6 +93,7 @@ def write_our_params(path: Path, source: Path, retries: int | None, workers: int
     # Every image.path is a URL; the folder only has to exist.
     params["data"]["image_root"] = str(source.parent)
     params["data"]["limit"] = 0
+    params["download"]["allow_private_hosts"] = True  # the corpus server listens on 127.0.0.1
     if retries is not None:
         params["download"]["retries"] = retries
     if workers is not None:

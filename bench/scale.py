@@ -40,6 +40,7 @@ def write_params(path: Path, source: Path) -> dict:
     params["data"]["source"] = str(source)
     params["data"]["image_root"] = str(source.parent)  # every image.path is a URL; the folder only has to exist
     params["data"]["limit"] = 0
+    params["download"]["allow_private_hosts"] = True  # the corpus server listens on 127.0.0.1
     path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return params
 

@@ -79,6 +79,11 @@ class DownloadParams:
         "Fail the stage when the fraction of dropped records exceeds this (1.0 = never fail).", 1.0
     )
     user_agent: str = _help("User-Agent header sent with every request.", "silu-pipeline/0.1 (+dataset download)")
+    allow_private_hosts: bool = _help(
+        "Fetch from loopback, private, link-local, multicast and reserved addresses too (true only for local test "
+        "servers). When false, such URLs and redirects are dropped as `blocked address`.",
+        False,
+    )
 
     def __post_init__(self) -> None:
         _check_min("download.workers", self.workers, 1)

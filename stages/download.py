@@ -148,7 +148,7 @@ def _fetch_params_key(params: DownloadParams) -> str:
     fields = {
         name: getattr(params, name)
         for name in ("connect_timeout", "read_timeout", "deadline", "max_bytes", "max_redirects", "retries",
-                     "backoff", "user_agent")
+                     "backoff", "user_agent", "allow_private_hosts")
     }
     text = json.dumps({"version": FORMAT_VERSION, **fields}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()

@@ -6,6 +6,9 @@ worker threads, retries the ones marked ``retryable`` and writes the shards.
 - :func:`resolve_target` decides where ``image.path`` is read from. Only
   http(s) URLs and regular files inside the image root are allowed; other
   schemes, absolute paths, ``..`` and symlinks that leave the root are dropped.
+- Unless ``download.allow_private_hosts`` is set, a URL or redirect whose host
+  is, or resolves to, a non-public address is dropped as ``blocked address``.
+  The check runs when each connection is opened, after DNS resolution.
 - :class:`Fetcher` makes one attempt per call, redirects included, and
   never sleeps. All threads share one ``requests.Session`` with a connection
   pool per host. Each request has connect and read timeouts, and the whole
@@ -29,6 +32,7 @@ import errno
 import hashlib
 import heapq
 import http.client
+import ipaddress
 import os
 import re
 import socket
@@ -49,6 +53,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import NameResolutionError, NewConnectionError
 
 from stages.common import StageError
 from stages.config import DownloadParams
@@ -78,6 +83,7 @@ REDIRECT_LOOP = "redirect loop"
 TOO_MANY_REDIRECTS = "too many redirects"
 UNSUPPORTED_SCHEME = "unsupported scheme"
 INVALID_URL = "invalid url"
+BLOCKED_ADDRESS = "blocked address"
 PATH_OUTSIDE_ROOT = "path outside image_root"
 NO_IMAGE_ROOT = "no image_root"
 FILE_NOT_FOUND = "file not found"
@@ -87,7 +93,7 @@ UNEXPECTED_ERROR = "unexpected error"
 FETCH_REASONS = (
     HTTP_403, HTTP_404, HTTP_410, HTTP_429, HTTP_4XX, HTTP_5XX, HTTP_OTHER, TIMEOUT, TOO_LARGE,
     NOT_AN_IMAGE, EMPTY_BODY, INCOMPLETE_BODY, INVALID_ENCODING, INVALID_RESPONSE, CONNECTION_ERROR,
-    DNS_ERROR, TLS_ERROR, REDIRECT_LOOP, TOO_MANY_REDIRECTS, UNSUPPORTED_SCHEME, INVALID_URL,
+    DNS_ERROR, TLS_ERROR, REDIRECT_LOOP, TOO_MANY_REDIRECTS, UNSUPPORTED_SCHEME, INVALID_URL, BLOCKED_ADDRESS,
     PATH_OUTSIDE_ROOT, NO_IMAGE_ROOT, FILE_NOT_FOUND, FILE_NOT_READABLE, UNEXPECTED_ERROR,
 )
 
@@ -432,6 +438,89 @@ class _WatchedHTTPSConnection(HTTPSConnection):
         return super().getresponse()
 
 
+# --------------------------------------------------------------------------- address rule
+
+
+class BlockedAddressError(urllib3.exceptions.HTTPError):
+    """A host resolves only to addresses that ``download.allow_private_hosts`` rules out."""
+
+
+def is_blocked_address(address: str) -> bool:
+    """Return True for an IP address that is not public: loopback, private, link-local, multicast, reserved, unspecified.
+
+    An IPv4-mapped IPv6 address is judged by its IPv4 address.
+    """
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return (
+        not ip.is_global  # also covers shared (100.64/10) and documentation ranges
+        or ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast  # 224/4 counts as global in Python 3.11
+        or ip.is_reserved
+        or ip.is_unspecified
+    )
+
+
+def _blocked_literal(url: str) -> str | None:
+    """Return why ``url`` is blocked when its host is a literal IP address that is not public, else None."""
+    host = urlsplit(url).hostname or ""
+    try:
+        blocked = is_blocked_address(host)
+    except ValueError:
+        return None  # a host name: checked after resolution, when connecting
+    return f"{host} is not a public address" if blocked else None
+
+
+class _AddressRuleMixin:
+    """Connect only to public addresses, checked after DNS resolution, so a rebinding name cannot pass.
+
+    NOTE: through an HTTP proxy the connection goes to the proxy, which
+    resolves the target itself, so only literal IP targets are checked there.
+    """
+
+    host: str
+    port: int
+    proxy: Any
+    _dns_host: str
+
+    def _new_conn(self) -> socket.socket:
+        if self.proxy is not None:
+            return super()._new_conn()  # type: ignore[misc]
+        try:
+            infos = socket.getaddrinfo(self._dns_host, self.port, 0, socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise NameResolutionError(self.host, self, exc) from exc  # type: ignore[arg-type]
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        allowed = [address for address in addresses if not is_blocked_address(address)]
+        if not allowed:
+            raise BlockedAddressError(f"{self.host} resolves to {', '.join(addresses)}, no public address")
+        name = self._dns_host
+        error: NewConnectionError | None = None
+        try:
+            for address in allowed:
+                # urllib3 connects to _dns_host; a literal address needs no second lookup.
+                self._dns_host = address
+                try:
+                    return super()._new_conn()  # type: ignore[misc]
+                except NewConnectionError as exc:
+                    error = exc
+        finally:
+            self._dns_host = name
+        assert error is not None
+        raise error
+
+
+class _GuardedHTTPConnection(_AddressRuleMixin, _WatchedHTTPConnection):
+    pass
+
+
+class _GuardedHTTPSConnection(_AddressRuleMixin, _WatchedHTTPSConnection):
+    pass
+
+
 class _WatchedHTTPPool(HTTPConnectionPool):
     ConnectionCls = _WatchedHTTPConnection
 
@@ -440,20 +529,34 @@ class _WatchedHTTPSPool(HTTPSConnectionPool):
     ConnectionCls = _WatchedHTTPSConnection
 
 
+class _GuardedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _GuardedHTTPConnection
+
+
+class _GuardedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _GuardedHTTPSConnection
+
+
 _WATCHED_POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+_GUARDED_POOLS = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
 
 
 class _WatchedAdapter(HTTPAdapter):
-    """An HTTPAdapter whose connections register with the deadline watchdog."""
+    """An HTTPAdapter whose connections register with the deadline watchdog and, unless allowed, skip private hosts."""
+
+    def __init__(self, *args: Any, allow_private_hosts: bool = False, **kwargs: Any) -> None:
+        # Set before super().__init__, which calls init_poolmanager.
+        self.pool_classes = _WATCHED_POOLS if allow_private_hosts else _GUARDED_POOLS
+        super().__init__(*args, **kwargs)
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = dict(_WATCHED_POOLS)
+        self.poolmanager.pool_classes_by_scheme = dict(self.pool_classes)
 
     def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
         manager = super().proxy_manager_for(proxy, **proxy_kwargs)
         if not proxy.lower().startswith("socks"):
-            manager.pool_classes_by_scheme = dict(_WATCHED_POOLS)
+            manager.pool_classes_by_scheme = dict(self.pool_classes)
         return manager
 
 
@@ -474,6 +577,7 @@ class Fetcher:
             pool_connections=max(16, params.workers * 2),  # hosts whose pools stay open
             pool_maxsize=params.workers,  # connections kept per host
             max_retries=0,
+            allow_private_hosts=params.allow_private_hosts,
         )
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
@@ -532,6 +636,9 @@ class Fetcher:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return _deadline_exceeded(self.params)
+            blocked = None if self.params.allow_private_hosts else _blocked_literal(url)
+            if blocked is not None:
+                return FetchResult.dropped(BLOCKED_ADDRESS, blocked)
             timeout = (min(self.params.connect_timeout, remaining), min(self.params.read_timeout, remaining))
             try:
                 response = self.session.get(url, stream=True, allow_redirects=False, timeout=timeout)
@@ -662,6 +769,9 @@ def classify_error(exc: BaseException, deadline: float, params: DownloadParams) 
     if time.monotonic() >= deadline:
         return _deadline_exceeded(params)
     causes = list(_causes(exc))
+    blocked = next((cause for cause in causes if isinstance(cause, BlockedAddressError)), None)
+    if blocked is not None:
+        return FetchResult.dropped(BLOCKED_ADDRESS, str(blocked))
 
     def has(*kinds: type) -> BaseException | None:
         return next((cause for cause in causes if isinstance(cause, kinds)), None)

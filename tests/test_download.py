@@ -45,6 +45,7 @@ FAST = {
     "retries": 2,
     "backoff": 0.01,
     "shard_size": 100,
+    "allow_private_hosts": True,  # the test servers listen on 127.0.0.1
 }
 
 
@@ -216,6 +217,99 @@ def test_connection_refused(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- classification units
+
+
+# --------------------------------------------------------------------------- address rule
+
+
+@pytest.fixture
+def connects(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Record every socket connect; one to anything but 127.0.0.1 is refused before it leaves the machine."""
+    calls: list[Any] = []
+    original = socket.socket.connect
+
+    def guarded_connect(sock: socket.socket, address: Any) -> None:
+        calls.append(address)
+        if address[0] != "127.0.0.1":
+            raise ConnectionRefusedError(errno.ECONNREFUSED, f"test guard: no connect to {address[0]}")
+        original(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    return calls
+
+
+def _resolve_to(monkeypatch: pytest.MonkeyPatch, names: dict[str, str]) -> None:
+    """Make getaddrinfo answer ``names`` (host -> IPv4 address) without asking a resolver."""
+    original = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host in names:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (names[host], port))]
+        return original(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.0.0.1/a.jpg",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]:8080/a.jpg",
+        "http://[::ffff:192.168.1.1]/a.jpg",
+        "https://224.0.0.1/a.jpg",
+        "http://0.0.0.0/a.jpg",
+        "http://240.0.0.1/a.jpg",
+        "http://100.64.0.1/a.jpg",
+    ],
+)
+def test_literal_private_address_blocked(tmp_path: Path, connects: list[Any], url: str) -> None:
+    (entry,) = download_urls(tmp_path, [url], allow_private_hosts=False)
+    assert entry["reason"] == "blocked address"
+    assert "is not a public address" in entry["detail"]
+    assert connects == []
+
+
+def test_loopback_blocked_by_default(server: LoopbackServer, tmp_path: Path, connects: list[Any]) -> None:
+    (entry,) = download_urls(tmp_path, [server.url("/img/red.jpg")], allow_private_hosts=False)
+    assert entry["reason"] == "blocked address"
+    assert server.requests() == []
+    assert connects == []
+
+
+def test_private_name_blocked_after_resolution(tmp_path: Path, connects: list[Any],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # A public-looking name (or one rebound between lookups) that resolves to a private address.
+    _resolve_to(monkeypatch, {"rebind.example": "10.1.2.3", "decimal.example": "127.0.0.1"})
+    entries = download_urls(tmp_path, ["http://rebind.example/a.jpg", "http://decimal.example/a.jpg"],
+                            allow_private_hosts=False)
+    assert [entry["reason"] for entry in entries] == ["blocked address", "blocked address"]
+    assert entries[0]["detail"] == "rebind.example resolves to 10.1.2.3, no public address"
+    assert connects == []
+
+
+def test_redirect_to_private_blocked(server: LoopbackServer, tmp_path: Path, connects: list[Any],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # Treat the loopback test server as public, so only the redirect targets are private.
+    blocked = fetch.is_blocked_address
+    monkeypatch.setattr(fetch, "is_blocked_address", lambda address: address != "127.0.0.1" and blocked(address))
+    _resolve_to(monkeypatch, {"inside.example": "192.168.0.10"})
+    urls = [
+        server.url("/redirect/1?to=http://10.0.0.1/a.jpg"),
+        server.url(f"/redirect/2?to=http://inside.example:{server.port}/img/red.jpg"),
+        server.url("/img/red.jpg"),
+    ]
+    entries = download_urls(tmp_path, urls, allow_private_hosts=False)
+    assert [entry["reason"] for entry in entries] == ["blocked address", "blocked address", None]
+    assert {address[0] for address in connects} == {"127.0.0.1"}
+
+
+def test_is_blocked_address() -> None:
+    for address in ("127.0.0.1", "10.0.0.1", "172.16.0.1", "192.168.1.1", "169.254.169.254", "224.0.0.251",
+                    "0.0.0.0", "255.255.255.255", "::1", "fe80::1", "fc00::1", "ff02::1", "::", "::ffff:10.0.0.1"):
+        assert fetch.is_blocked_address(address), address
+    for address in ("93.184.216.34", "8.8.8.8", "2606:4700::1111"):
+        assert not fetch.is_blocked_address(address), address
 
 
 def _resolution_error(code: int) -> requests.exceptions.ConnectionError:
