@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -36,6 +38,27 @@ class StageError(RuntimeError):
     """A systemic failure that stops a stage; the message names the file and the fix."""
 
 
+def output_write_failed(path: str | Path, exc: OSError) -> StageError:
+    """Return the StageError for a failed write of the output file ``path``, with the fix for a full disk.
+
+    A path inside an :func:`atomic_path` temporary is shown as the output path it will become.
+    """
+    shown = _TEMPORARY.sub(r"\1", str(path))
+    # pyarrow sets errno but puts its own text in strerror.
+    reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "the disk is full; free space or move the output folder to a larger disk, then rerun"
+    elif exc.errno == errno.EFBIG:
+        hint = "the file size limit was reached (`ulimit -f` or the file system's maximum); raise it, then rerun"
+    else:
+        hint = "check that the output folder is writable, then rerun"
+    return StageError(f"cannot write {shown}: {reason}; {hint}. No partial output was kept.")
+
+
+# `.NAME.RANDOM.tmp/out/` as atomic_path creates it, for NAME/ in messages.
+_TEMPORARY = re.compile(r"\.([^/]+)\.[^./]+\.tmp/out(?=/|$)")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` and rename it over ``path`` only on success.
@@ -62,7 +85,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def write_json(path: str | Path, data: Any) -> None:
     """Write ``data`` as indented, key-sorted UTF-8 JSON, atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+        try:
+            tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise output_write_failed(path, exc) from exc
 
 
 class DropCounter:

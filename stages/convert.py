@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import functools
 import html
-import json
 import re
 import sys
 import unicodedata
@@ -48,7 +47,7 @@ import pyarrow as pa
 
 from stages.common import DropCounter, RateLogger, StageError, atomic_path, get_logger, write_json
 from stages.config import ConvertParams, ParamsError, load_params
-from stages.parts import RotatingPartWriter, dataset_entry, iter_rows, list_parts
+from stages.parts import ManifestWriter, RotatingPartWriter, dataset_entry, iter_rows, list_parts
 from stages.prompts import choose_prompt
 from stages.tokens import TokenCounter
 
@@ -163,7 +162,7 @@ def run_convert(
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         samples = RotatingPartWriter(tmp / "samples", SAMPLE_SCHEMA, params.shard_size)
-        with (tmp / "manifest.jsonl").open("w", encoding="utf-8") as manifest:
+        with ManifestWriter(tmp / "manifest.jsonl") as manifest:
             for done, row in enumerate(iter_rows(parts, INPUT_COLUMNS), 1):
                 reason, detail, sample = _convert_row(row, params, lang, forbidden, token_counter)
                 if reason is None:
@@ -178,7 +177,7 @@ def run_convert(
                     "reason": reason,
                     "detail": detail,
                 }
-                manifest.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                manifest.write(entry)
                 progress.update(done, counter)
         samples.close()
         write_json(tmp / "dataset_info.json", {"silu": dataset_entry("samples")})

@@ -65,7 +65,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from stages.common import DropCounter, RateLogger, StageError, atomic_path, get_logger, write_json
 from stages.config import FilterParams, ParamsError, load_params
-from stages.parts import PartWriter
+from stages.parts import ManifestWriter, PartWriter
 
 log = get_logger(__name__)
 
@@ -483,7 +483,7 @@ def run_filter(in_dir: str | Path, out_dir: str | Path, params: FilterParams, me
         tmp.mkdir()
         parts = {index: PartWriter(tmp / f"part-{index:05d}.parquet", SCHEMA) for index, _, _ in shards}
         last_shard: int | None = None
-        with (tmp / "manifest.jsonl").open("w", encoding="utf-8") as manifest:
+        with ManifestWriter(tmp / "manifest.jsonl") as manifest:
             for done, (task, result) in enumerate(_ordered_results(iter_tasks(shards), params, workers), 1):
                 record = task.record
                 if result.sha256 != (record.get("sha256") or result.sha256):
@@ -507,7 +507,7 @@ def run_filter(in_dir: str | Path, out_dir: str | Path, params: FilterParams, me
                     "reason": result.reason,
                     "detail": result.detail,
                 }
-                manifest.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                manifest.write(entry)
                 progress.update(done, counter)
         for part in parts.values():
             part.close()

@@ -1,20 +1,23 @@
-"""Parquet part files and ``dataset_info.json`` entries shared by the filter, convert and split stages.
+"""Parquet part files, manifests and ``dataset_info.json`` entries shared by the filter, convert and split stages.
 
 Rows are written in small row groups as they arrive, so a stage's memory
 does not grow with its output, and the same rows in the same order give
-byte-identical files (for one pyarrow version).
+byte-identical files (for one pyarrow version). A failed write (a full disk,
+a file size limit) raises StageError naming the file.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.common import StageError
+from stages.common import StageError, output_write_failed
 
 # Rows per parquet row group: a few MB of JPEG bytes, read back one at a time.
 ROWS_PER_ROW_GROUP = 64
@@ -38,18 +41,24 @@ class PartWriter:
             self.flush()
 
     def flush(self) -> None:
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, self.schema)
-        if self.rows:
-            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
-            self.rows = []
+        try:
+            if self.writer is None:
+                self.writer = pq.ParquetWriter(self.path, self.schema)
+            if self.rows:
+                self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
+                self.rows = []
+        except OSError as exc:
+            raise output_write_failed(self.path, exc) from exc
 
     def close(self) -> None:
         """Write what is buffered and close; a part with no rows is still written, with the schema."""
         if self.closed:
             return
         self.flush()
-        self.writer.close()
+        try:
+            self.writer.close()
+        except OSError as exc:
+            raise output_write_failed(self.path, exc) from exc
         self.closed = True
 
 
@@ -80,6 +89,34 @@ class RotatingPartWriter:
         if self.current is not None:
             self.current.close()
             self.current = None
+
+
+class ManifestWriter:
+    """Write ``manifest.jsonl``, one JSON object per line; use it as a context manager."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.file = path.open("w", encoding="utf-8")
+        except OSError as exc:
+            raise output_write_failed(path, exc) from exc
+
+    def write(self, entry: dict[str, Any]) -> None:
+        try:
+            self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        except OSError as exc:
+            raise output_write_failed(self.path, exc) from exc
+
+    def __enter__(self) -> ManifestWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        try:
+            self.file.close()
+        except OSError as exc:
+            if kind is None:
+                raise output_write_failed(self.path, exc) from exc
 
 
 def list_parts(folder: Path, producer: str) -> list[Path]:

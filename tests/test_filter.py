@@ -29,6 +29,7 @@ from PIL import Image
 from stages.common import StageError
 from stages.config import FilterParams
 from stages.filter import Task, _Batch, _pop_batch, main, normalise_image, rescale_to_8bit, run_filter, to_rgb
+from tests.file_limit import run_with_file_size_limit
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
 
@@ -367,6 +368,21 @@ def test_main_fails_over_error_rate(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert json.loads((tmp_path / "metrics" / "filter.json").read_text())["dropped_by_reason"] == {"empty file": 1}
     (tmp_path / "params.yaml").write_text("filter:\n  workers: 1\n  max_error_rate: 0.5\n")
     assert main(["in", "out"]) == 0
+
+
+def test_failed_write_names_part(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = [encode(Image.fromarray(rng.integers(0, 255, (120, 120, 3), dtype=np.uint8)), "PNG") for _ in range(8)]
+    write_shard(tmp_path / "in", 0, [(download_record(line, data), data) for line, data in enumerate(images, 1)])
+    (tmp_path / "params.yaml").write_text("filter:\n  workers: 1\n")
+
+    # Each re-encoded noise image is about 20 KB, so the part file passes 64 KB.
+    result = run_with_file_size_limit(["-m", "stages.filter", "in", "out"], tmp_path, 64 * 1024)
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "cannot write out/part-00000.parquet: File too large; the file size limit was reached" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in", "params.yaml"]
 
 
 # --------------------------------------------------------------------------- helpers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from stages.common import StageError
 from stages.config import SplitParams
 from stages.convert import SAMPLE_SCHEMA
 from stages.split import group_samples, main, plan_split, requested_counts, run_split
+from tests.file_limit import run_with_file_size_limit
 
 
 def sample(line: int, image_key: Any, caption: str) -> dict[str, Any]:
@@ -248,3 +250,19 @@ def test_main_reads_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     (tmp_path / "params.yaml").write_text("split:\n  test_size: 6\n")
     assert main(["converted", "dataset2"]) == 1
     assert not (tmp_path / "dataset2").exists()
+
+
+def test_failed_write_names_part(tmp_path: Path) -> None:
+    samples = singletons(10)
+    for row in samples:
+        row["images"][0]["bytes"] = random.Random(row["line"]).randbytes(20_000)
+    write_converted(tmp_path / "converted", samples)
+    (tmp_path / "params.yaml").write_text("split:\n  test_size: 2\n")
+
+    # The input already holds 200 KB, so a limit of 100 KB stops the larger train part.
+    result = run_with_file_size_limit(["-m", "stages.split", "converted", "dataset"], tmp_path, 100 * 1024)
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "cannot write dataset/train/part-00000.parquet: File too large; the file size" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["converted", "params.yaml"]
