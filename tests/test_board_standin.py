@@ -111,3 +111,19 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
     except (OSError, IndexError):
         return True
+
+
+def test_standin_port_in_use_fails_fast(own_standin: Path) -> None:
+    import socket
+    import time
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        started = time.monotonic()
+
+        with pytest.raises(board_standin.StandinError, match="the port is in use"):
+            board_standin.start(own_standin, busy.getsockname()[1], BOARD_PYTHON)
+
+    assert time.monotonic() - started < board_standin.START_TIMEOUT_S
+    assert not (own_standin / "standin.json").exists()

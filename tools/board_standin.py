@@ -294,6 +294,9 @@ def _wait_for_pid(pidfile: Path, config: Path, port: int, log: Path) -> int:
             pid = int(pidfile.read_text().strip())
             if _pid_runs_config(pid, config) and _banner_ok(port):
                 return pid
+        # The daemonized sshd exits after logging this, so there is nothing left to wait for.
+        if "Cannot bind any address" in _tail(log):
+            raise StandinError(f"sshd could not listen on {HOST}:{port}: the port is in use. {_tail(log)}")
         time.sleep(0.05)
     raise StandinError(
         f"sshd did not start listening on {HOST}:{port} within {START_TIMEOUT_S:.0f} s; is the port in use? {_tail(log)}"
