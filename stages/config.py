@@ -294,8 +294,14 @@ class DeployParams:
     samples: int = _help("Test images answered on the board.", 4)
     max_new_tokens: int = _help("Tokens generated per board answer.", 16)
     keep_releases: int = _help("Old releases kept on the board besides `current`.", 1)
-    connect_timeout: float = _help("SSH connect timeout, seconds.", 10.0)
-    transfer_timeout: float = _help("Idle timeout for one SFTP operation, seconds.", 60.0)
+    connect_timeout: float = _help(
+        "SSH connect timeout, also for opening a channel and starting a remote command, seconds.", 10.0
+    )
+    transfer_timeout: float = _help(
+        "Idle timeout for one SFTP request, and the base time of each board-side release step "
+        "(plus 1 s per 20 MB it hashes), seconds.",
+        60.0,
+    )
     run_timeout: float = _help("Whole remote inference run, seconds; the remote process group is killed after it.", 600.0)
 
     def __post_init__(self) -> None:
