@@ -97,13 +97,23 @@ class SplitPlan:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+def _samples(count: int, kind: str = "") -> str:
+    """Return e.g. "1 test sample" or "3 samples"."""
+    noun = "sample" if count == 1 else "samples"
+    return f"{count} {kind} {noun}" if kind else f"{count} {noun}"
+
+
 def requested_counts(available: int, params: SplitParams) -> tuple[int, int | None]:
     """Return ``(test, train)`` sample counts; ``train`` is None for "all the rest".
 
     Raises StageError when the counts do not fit in ``available`` samples.
     """
-    if available == 0:
-        raise StageError("split: no samples to split; check metrics/convert.json for why convert kept none.")
+    if available < 2:
+        raise StageError(
+            f"split: {_samples(available)} to split, but a split needs at least 2 (1 test, 1 train). Look in "
+            "metrics/download.json, filter.json and convert.json for the step that dropped the rest, for "
+            "example `wrong language` when `data.lang` does not match the captions."
+        )
     # A tiny tolerance so that e.g. 0.7 * 10 = 7.000000000000001 rounds up to 7, not 8.
     if params.test_size < 1:
         test = math.ceil(params.test_size * available - 1e-9)
@@ -118,7 +128,7 @@ def requested_counts(available: int, params: SplitParams) -> tuple[int, int | No
 
     if train is None and test >= available:
         raise StageError(
-            f"split: `split.test_size` = {params.test_size} asks for {test} test samples but only {available} "
+            f"split: `split.test_size` = {params.test_size} asks for {_samples(test, 'test')} but only {available} "
             "are available and train needs at least one; lower split.test_size."
         )
     if train == 0:
@@ -162,12 +172,12 @@ def plan_split(sha256s: list[str], captions: list[str], params: SplitParams) -> 
     )
     if counts[TEST] != test_target:
         raise StageError(
-            f"split: `split.test_size` = {params.test_size} asks for {test_target} test samples, but whole groups "
+            f"split: `split.test_size` = {params.test_size} asks for {_samples(test_target, 'test')}, but whole groups "
             f"filled only {counts[TEST]}. {groups_note} Change split.test_size or split.seed."
         )
     if train_target is not None and counts[TRAIN] != train_target:
         raise StageError(
-            f"split: `split.train_size` = {params.train_size} asks for {train_target} train samples, but whole "
+            f"split: `split.train_size` = {params.train_size} asks for {_samples(train_target, 'train')}, but whole "
             f"groups filled only {counts[TRAIN]} of the {available - test_target} left after test. {groups_note} "
             "Change split.train_size or split.seed."
         )

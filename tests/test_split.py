@@ -164,7 +164,11 @@ def test_requested_counts(available: int, test_size: float, train_size: float, e
 @pytest.mark.parametrize(
     "available,test_size,train_size,message",
     [
-        (0, 0.2, 0, "no samples to split"),
+        (0, 0.2, 0, r"0 samples to split, but a split needs at least 2 \(1 test, 1 train\)"),
+        (1, 0.2, 0, r"1 sample to split, but a split needs at least 2 .*metrics/download.json.*`data.lang`"),
+        (1, 1, 0, r"1 sample to split"),
+        (2, 2, 0, r"`split.test_size` = 2 asks for 2 test samples but only 2 are available"),
+        (5, 0.9, 0, r"asks for 5 test samples"),
         (10, 10, 0, r"`split.test_size` = 10 asks for 10 test samples but only 10 are available"),
         (10, 4, 7, r"ask for 4 \+ 7 samples but only 10 are available"),
         (10, 0.5, 0.05, r"`split.train_size` = 0.05 gives 0 train samples out of 10"),
@@ -183,7 +187,7 @@ def test_count_split_leaves_rest_unused() -> None:
 
 def test_groups_too_large_for_test_raise() -> None:
     # Four samples with one caption form one group of four: no test set of 1.
-    with pytest.raises(StageError, match=r"asks for 1 test samples, but whole groups filled only 0\.") as info:
+    with pytest.raises(StageError, match=r"asks for 1 test sample, but whole groups filled only 0\.") as info:
         plan_split(["a", "b", "c", "d"], ["same"] * 4, SplitParams(test_size=1))
     assert "The 4 samples form 1 group that share an image or caption, the largest with 4 samples." in str(
         info.value
