@@ -26,8 +26,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from stages import download
 from stages.common import StageError
-from stages.config import FilterParams
+from stages.config import FilterParams, parse_params
 from stages.filter import Task, _Batch, _pop_batch, main, normalise_image, rescale_to_8bit, run_filter, to_rgb
 from tests.file_limit import run_with_file_size_limit
 
@@ -368,6 +369,18 @@ def test_main_fails_over_error_rate(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert json.loads((tmp_path / "metrics" / "filter.json").read_text())["dropped_by_reason"] == {"empty file": 1}
     (tmp_path / "params.yaml").write_text("filter:\n  workers: 1\n  max_error_rate: 0.5\n")
     assert main(["in", "out"]) == 0
+
+
+def test_sample_drops_as_documented(tmp_path: Path) -> None:
+    sample = Path(__file__).resolve().parent.parent / "data" / "sample"
+    params = parse_params({"data": {"source": str(sample / "ko_sample.jsonl"), "image_root": str(sample / "images")}})
+    download.run(sample / "ko_sample.jsonl", tmp_path / "downloaded", params, tmp_path / "download.json")
+
+    run_filter(tmp_path / "downloaded", tmp_path / "filtered", PARAMS, tmp_path / "filter.json")
+
+    # The lines of the table "The embedded sample" in docs/data.md.
+    dropped = {entry["line"]: entry["reason"] for entry in read_manifest(tmp_path / "filtered") if entry["reason"]}
+    assert dropped == {4: "truncated", 15: "too small", 24: "aspect ratio", 29: "duplicate"}
 
 
 def test_failed_write_names_part(tmp_path: Path) -> None:

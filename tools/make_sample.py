@@ -9,7 +9,7 @@ at simple drawn scenes (shapes, colours, Latin text) with Korean captions that
 describe them. The other 8 lines must be dropped by a later stage:
 
 - download: a missing file, a Russian record, a blank line, an invalid JSON line;
-- filter: a truncated JPEG, a 10x10 image, a 640x16 strip, and a byte-identical
+- filter: a truncated JPEG, a 10x10 image, a 640x30 strip (aspect ratio 21.3), and a byte-identical
   copy of another image under a new id.
 
 Output is deterministic for a given Pillow version: no randomness without a
@@ -389,7 +389,7 @@ SCENES: list[Scene] = [
 # Images that download keeps and the filter stage must drop.
 TRUNCATED = Scene("lighthouse_truncated.jpg", (480, 360), lighthouse, "바닷가 절벽 위에 하얀 등대가 서 있다.", NATURE, SKY)
 TINY = Scene("tiny_dot.png", (10, 10), red_dot, "아주 작은 빨간 점 하나가 찍혀 있다.", ART, WHITE, "PNG")
-STRIP = Scene("thin_strip.jpg", (640, 16), blue_strip, "가늘고 긴 파란 띠 하나가 가로로 그어져 있다.", ART)
+STRIP = Scene("thin_strip.jpg", (640, 30), blue_strip, "가늘고 긴 파란 띠 하나가 가로로 그어져 있다.", ART)
 
 
 def render(scene: Scene) -> bytes:
