@@ -216,8 +216,11 @@ def _pinned_keys(target: BoardTarget) -> dict[str, paramiko.PKey]:
     keys = paramiko.HostKeys()
     try:
         keys.load(str(path))
-    except (OSError, paramiko.SSHException) as exc:
-        raise HostKeyError(target.label, f"cannot read known_hosts file {path}: {exc}") from None
+    except (OSError, paramiko.SSHException, ValueError) as exc:
+        # ValueError covers UnicodeDecodeError: paramiko reads the file as UTF-8 text.
+        raise HostKeyError(
+            target.label, f"cannot read known_hosts file {path}: {exc}; fix or recreate it with ssh-keyscan"
+        ) from None
     entry = keys.lookup(target.known_hosts_name)
     return dict(entry.items()) if entry else {}
 

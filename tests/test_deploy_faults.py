@@ -26,6 +26,7 @@ from stages.board_ssh import (
     BoardConnection,
     BoardUnreachable,
     CommandTimeout,
+    HostKeyError,
     HostKeyMismatch,
     PreflightError,
     RemoteCommandError,
@@ -87,6 +88,17 @@ def test_wrong_host_key_rejected(board_standin, tmp_path: Path) -> None:
         assert "host key mismatch" in message
         assert "ssh-keygen -R" in message
     assert known_hosts.read_text().count("\n") == 1
+
+
+def test_unreadable_known_hosts_rejected(board_standin, tmp_path: Path) -> None:
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_bytes(b"garbage\n\x00\xff\n")
+
+    with pytest.raises(HostKeyError) as raised:
+        connect(make_target(board_standin, known_hosts=known_hosts))
+    message = str(raised.value)
+    assert str(known_hosts) in message
+    assert "cannot read known_hosts file" in message
 
 
 def test_unknown_host_rejected_unless_trusted(board_standin, tmp_path: Path) -> None:
