@@ -71,6 +71,7 @@ from stages.fetch import (
     Target,
     cut_in_flight,
     describe_exception,
+    redact_url,
     resolve_target,
     write_failed,
 )
@@ -225,7 +226,7 @@ def _manifest_entry(line: _Line) -> dict[str, Any]:
     return {
         "line": result.line,
         "img_id": result.img_id,
-        "url": result.image_path,
+        "url": redact_url(result.image_path) if result.image_path else None,
         "status": outcome.status,
         "reason": outcome.reason,
         "detail": outcome.detail,
@@ -370,7 +371,13 @@ class _Downloader:
         Their images are copied into the partial folder first, because the old
         tar is replaced when the shard is finished.
         """
-        wanted = {line.target.key for line in build.lines if line.target is not None and line.target.url}
+        # Manifests store URLs with their userinfo redacted; a redacted URL
+        # that stands for two different URLs is fetched again.
+        keys_by_url: dict[str, set[str]] = {}
+        for line in build.lines:
+            if line.target is not None and line.target.url:
+                keys_by_url.setdefault(redact_url(line.target.key), set()).add(line.target.key)
+        wanted = {url: next(iter(keys)) for url, keys in keys_by_url.items() if len(keys) == 1}
         tar_path = self.out_dir / shard_name(build.index, ".tar")
         pax = _read_pax(tar_path)
         entries = _read_manifest(self.out_dir / shard_name(build.index, ".jsonl")) if pax else None
@@ -379,11 +386,12 @@ class _Downloader:
         previous: dict[str, FetchResult] = {}
         for entry in entries:
             url = entry.get("url")
-            if not isinstance(url, str) or url not in wanted or url in found:
+            key = wanted.get(url) if isinstance(url, str) else None
+            if key is None or key in found:
                 continue
             outcome = self._reusable_outcome(entry, pax.get(PAX_PARAMS_KEY))
             if outcome is not None:
-                previous[url] = outcome
+                previous[key] = outcome
         if not previous:
             return {}
         needed = {outcome.sha256 for outcome in previous.values() if outcome.ok}
@@ -482,7 +490,7 @@ class _Downloader:
         except StageError:
             raise
         except Exception as exc:  # noqa: BLE001 - one odd URL must not stop a run of 500k
-            logger.debug("unexpected error fetching %s", task.target.key, exc_info=True)
+            logger.debug("unexpected error fetching %s", redact_url(task.target.key), exc_info=True)
             return FetchResult.dropped(UNEXPECTED_ERROR, describe_exception(exc))
 
     def _record(self, task: _Task, result: FetchResult) -> None:
@@ -490,7 +498,7 @@ class _Downloader:
         if result.reason == UNEXPECTED_ERROR:
             self.unexpected += 1
             if self.unexpected <= 10:
-                logger.warning("unexpected error fetching %s: %s", task.target.key, result.detail)
+                logger.warning("unexpected error fetching %s: %s", redact_url(task.target.key), result.detail)
         if result.retryable and task.attempts <= self.download.retries and task.deadline is not None:
             delay = self.download.backoff * 2 ** (task.attempts - 1)
             if result.retry_after is not None:
@@ -498,7 +506,7 @@ class _Downloader:
             due = time.monotonic() + delay
             if due < task.deadline:
                 logger.debug(
-                    "retry %d/%d of %s in %.2f s: %s", task.attempts, self.download.retries, task.target.key,
+                    "retry %d/%d of %s in %.2f s: %s", task.attempts, self.download.retries, redact_url(task.target.key),
                     delay, result.detail,
                 )
                 self.retry_sequence += 1

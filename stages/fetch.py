@@ -133,11 +133,34 @@ class FetchResult:
 
     @classmethod
     def kept(cls, sha256: str, size: int, content_type: str | None) -> FetchResult:
-        return cls("ok", sha256=sha256, size=size, content_type=content_type)
+        return cls("ok", sha256=sha256, size=size, content_type=clean_text(content_type))
 
     @classmethod
     def dropped(cls, reason: str, detail: str | None = None, **kwargs: Any) -> FetchResult:
-        return cls("dropped", reason=reason, detail=detail, **kwargs)
+        return cls("dropped", reason=reason, detail=clean_text(detail), **kwargs)
+
+
+# A URL's scheme and authority up to the last "@", the end of its userinfo.
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
+# C0 and C1 controls (CR and LF included), bidi overrides and isolates.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def redact_url(text: str) -> str:
+    """Replace the userinfo (``user:password@``) of every URL in ``text`` with ``***@``; host, path and query stay."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def clean_text(text: str | None) -> str | None:
+    """Make server or exception text safe for one manifest field or log line.
+
+    Userinfo in URLs is redacted, control and bidi characters are escaped
+    (``\\r``, ``\\x1b``, ``\\u202e``), and a lone surrogate becomes an escape.
+    """
+    if text is None:
+        return None
+    text = _UNPRINTABLE.sub(lambda match: ascii(match.group())[1:-1], redact_url(text.strip()))
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)

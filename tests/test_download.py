@@ -207,6 +207,47 @@ def test_no_files_left_behind(fault_run: dict[str, Any]) -> None:
     assert sorted(path.name for path in fault_run["out"].iterdir()) == ["shard-00000.jsonl", "shard-00000.tar"]
 
 
+def test_detail_has_no_control_characters(fault_run: dict[str, Any]) -> None:
+    detail = fault_run["entries"]["/garbage"]["detail"]
+    assert detail.startswith("BadStatusLine: ")
+    assert "HELLO THERE" in detail
+    for entry in fault_run["entries"].values():
+        assert not any(ord(char) < 32 for char in entry["detail"] or ""), entry
+
+
+@pytest.mark.parametrize(
+    ("text", "clean"),
+    [
+        ("BadStatusLine: NOT HTTP\r\nX-Evil: 1\r\n", "BadStatusLine: NOT HTTP\\r\\nX-Evil: 1"),
+        ("bell\x07 esc\x1b[31m c1\x85 end", "bell\\x07 esc\\x1b[31m c1\\x85 end"),
+        ("bidi \u202egnp.exe", "bidi \\u202egnp.exe"),
+        ("lone \ud800", "lone \\ud800"),
+        ("redirect to https://user:pa@ss@host.example:8443/a.jpg?token=1", "redirect to https://***@host.example:8443/a.jpg?token=1"),
+        ("사진 https://host.example/a@b.jpg", "사진 https://host.example/a@b.jpg"),
+    ],
+)
+def test_clean_text(text: str, clean: str) -> None:
+    assert fetch.clean_text(text) == clean
+
+
+def test_userinfo_redacted(server: LoopbackServer, tmp_path: Path) -> None:
+    secret_url = server.url("/img/red.jpg?token=abc").replace("http://", "http://user:secret@")
+    source = write_source(tmp_path / "source.jsonl", [secret_url])
+    run(source, tmp_path / "out", make_params(), tmp_path / "metrics.json")
+    (entry,) = read_manifests(tmp_path / "out")
+    assert entry["status"] == "ok"
+    assert entry["url"] == f"http://***@127.0.0.1:{server.port}/img/red.jpg?token=abc"
+    for path in (tmp_path / "out").rglob("*"):
+        assert b"secret" not in path.read_bytes(), path
+
+    # A changed shard takes the image from its previous version, found by the redacted URL.
+    server.clear()
+    write_source(source, [secret_url, server.url("/status/404")])
+    summary = run(source, tmp_path / "out", make_params(), tmp_path / "metrics.json")
+    assert server.requests() == ["/status/404"]
+    assert summary.reused == 1
+
+
 def test_connection_refused(tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
