@@ -33,7 +33,8 @@ the end of the current input are deleted.
 
 The stage fails (exit 1) only for systemic problems: the source or image root
 is missing, the source is corrupt, a write fails (disk full), or the drop rate
-exceeds ``download.max_error_rate``. It exits 2 for an invalid params.yaml.
+exceeds ``download.max_error_rate``. It exits 2 for an invalid params.yaml,
+and 130 after Ctrl-C, with one line that says how many shards are done.
 
 Not covered: URL deduplication across shards, and the per-host limits and
 robots.txt handling of a polite crawler.
@@ -45,6 +46,7 @@ import argparse
 import hashlib
 import heapq
 import json
+import math
 import queue
 import re
 import shutil
@@ -93,6 +95,15 @@ MAX_OPEN_SHARDS = 3
 # --------------------------------------------------------------------------- results
 
 
+class DownloadInterrupted(Exception):
+    """The run was stopped by Ctrl-C (SIGINT); finished shards and journaled fetches are kept for a rerun."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"interrupted; rerun to resume: {done} of {total} shards done")
+        self.done = done
+        self.total = total
+
+
 @dataclass
 class DownloadSummary:
     """Counts of one run beside the metrics: work done over the network, and work reused or skipped."""
@@ -100,6 +111,7 @@ class DownloadSummary:
     metrics: dict[str, Any]
     shards: int = 0
     skipped_shards: int = 0  # complete and unchanged, not touched
+    finished_shards: int = 0  # written in this run
     fetched: int = 0  # fetches finished in this run (URLs or local files), retries not counted
     attempts: int = 0  # requests made, retries included
     reused: int = 0  # results taken from a journal or an earlier shard
@@ -565,6 +577,7 @@ class _Downloader:
             raise write_failed(Path(exc.filename) if exc.filename else tar_path, exc) from exc
         shutil.rmtree(build.partial, ignore_errors=True)
         del self.open[build.index]
+        self.summary.finished_shards += 1
 
     def finish(self) -> None:
         """Wait for every open shard, then remove shards beyond the input and leftovers of killed runs."""
@@ -675,6 +688,9 @@ def run(
         completed = True
     except SourceError as exc:
         raise StageError(str(exc)) from exc
+    except KeyboardInterrupt:
+        done = downloader.summary.skipped_shards + downloader.summary.finished_shards
+        raise DownloadInterrupted(done, math.ceil(total / params.download.shard_size)) from None
     finally:
         downloader.close(aborted=not completed)
 
@@ -710,6 +726,13 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as exc:
         logger.error("%s", exc)
         return 1
+    except DownloadInterrupted as exc:
+        logger.error("%s", exc)
+        return 130  # the shell's code for SIGINT
+    except KeyboardInterrupt:
+        # Before the shards are planned, or a second Ctrl-C while the workers stop.
+        logger.error("interrupted; rerun to resume")
+        return 130
     return 0
 
 

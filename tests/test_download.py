@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -638,7 +639,8 @@ def _fetched_targets(out_dir: Path) -> set[str]:
     return targets
 
 
-def test_resume_after_kill(server: LoopbackServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl-c"])
+def test_resume_after_kill(server: LoopbackServer, tmp_path: Path, stop: signal.Signals) -> None:
     urls = [server.add_image(f"kill{i}.jpg", make_image(60 + i, 40)) for i in range(30)]
     source = write_source(tmp_path / "source.jsonl", urls)
     params_file = _write_params_file(tmp_path / "params.yaml", workers=2, shard_size=8)
@@ -652,13 +654,17 @@ def test_resume_after_kill(server: LoopbackServer, tmp_path: Path) -> None:
         while len(_fetched_targets(out)) < 8 and time.monotonic() < give_up and process.poll() is None:
             time.sleep(0.02)
         assert process.poll() is None, "the stage finished before it could be killed"
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=10)
+        process.send_signal(stop)
+        stderr = process.communicate(timeout=10)[1].decode()
     finally:
         if process.poll() is None:
             process.kill()
         process.stderr.close()  # type: ignore[union-attr]
     server.on_request = None
+    if stop == signal.SIGINT:
+        assert process.returncode == 130
+        assert "Traceback" not in stderr
+        assert re.search(r"interrupted; rerun to resume: [0-3] of 4 shards done\n$", stderr), stderr
 
     done = _fetched_targets(out)
     assert 8 <= len(done) < 30
