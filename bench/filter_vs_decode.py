@@ -6,10 +6,10 @@ Run::
     .venv/bin/python -m bench.filter_vs_decode --n 1000 --runs 1
 
 The input is a download-stage output built directly (no HTTP): ``--n``
-images from the corpus generator of bench/http_corpus.py (``photos``
-profile: 20-300 KB, 14 of 16 base images baseline JPEG, one progressive
-JPEG and one PNG, which the filter re-encodes), in shards of
-``download.shard_size`` records with their manifests.
+images from the corpus generator of bench/http_corpus.py, in shards of
+``download.shard_size`` records with their manifests. Of its 16 ``photos``
+base images, 14 are baseline JPEGs of 20-200 KB. The filter re-encodes the
+other two, a progressive JPEG and a 430 KB PNG.
 
 Both sides run as child processes, measured from start to exit, and are
 interleaved. The decoding loop reads the same tar members and calls

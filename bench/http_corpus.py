@@ -15,14 +15,15 @@ statuses, HTML error pages served with status 200 (as ``text/html`` and as
 ``image/jpeg``), connection resets, bodies cut short, empty bodies, and
 requests that get no answer until the client times out. Some working URLs
 respond after a delay of 0.5-2 s, redirect once, or fail with a 503 on the
-first request only. Published img2dataset stats files of CC3M and CC12M show
-404 as the main failure, then 403, and read timeouts at 0.3-1% of the URLs.
+first request only. img2dataset stats files published with CC3M, CC12M
+and LAION subsets on Hugging Face show 404 as the most common failure and
+read timeouts at 0.1-1% of the URLs.
 The ``fast`` mix has the same dead share without delays and hangs, for the
 scale benchmark, where a few hundred 10 s timeouts would dominate the time.
 
-Bodies come from a few generated base images (photo-like noise, 20-300 KB,
-mostly baseline JPEG, one progressive JPEG and one PNG in the ``photos``
-set). Each URL's body differs from every other: a JPEG comment or PNG text
+Bodies come from a few generated base images of photo-like noise. The
+``photos`` set has 14 baseline JPEGs and one progressive JPEG of 20-200 KB
+(mean about 115 KB) and one 430 KB PNG. Each URL's body differs from every other: a JPEG comment or PNG text
 chunk carrying the URL index is inserted, which costs no encoding.
 """
 
@@ -456,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the fault plan (default: %(default)s)")
     parser.add_argument("--mix", choices=sorted(MIXES), default="web", help="fault mix (default: %(default)s)")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="photos",
-                        help="base images: photos (20-300 KB) or small (2-6 KB) (default: %(default)s)")
+                        help="base images: photos (20-200 KB, one 430 KB PNG) or small (1-3 KB) (default: %(default)s)")
     parser.add_argument("--folder", type=Path, default=ROOT / "build" / "bench",
                         help="where base images are cached (default: build/bench)")
     parser.add_argument("--jsonl", type=Path, help="write the SiLu JSONL of the URLs here once listening")

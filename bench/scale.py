@@ -6,7 +6,7 @@ Run (about 10 minutes on 2 cores; ``--sizes 2000`` for a quick check)::
     .venv/bin/python -m bench.scale --sizes 10000,100000
 
 For each size, a loopback corpus server (bench/http_corpus.py, ``fast``
-mix: 70% dead URLs that fail at once, small 2-6 KB images) serves the URLs,
+mix: 70% dead URLs that fail at once, small 1-3 KB images) serves the URLs,
 and each stage runs as ``python -m stages.<name>`` with params.yaml
 unchanged apart from the paths. The script prints, per stage and size,
 wall time, records/s, peak RSS of the stage's process tree, and the files
