@@ -629,6 +629,11 @@ def _shards(results: Iterable[LineResult], shard_size: int) -> Iterator[list[Lin
 
 
 def _check_inputs(source: Path, params: Params) -> None:
+    if source.is_dir():
+        raise StageError(
+            f"{source}: is a folder, not a file. Set `data.source` in params.yaml to the SiLu JSONL file inside it "
+            "(for example data/ko_image_caption.jsonl)."
+        )
     if not source.is_file():
         raise StageError(
             f"{source}: source file not found. Run `dvc pull {source}`, or download it and `dvc add` it "
@@ -636,8 +641,9 @@ def _check_inputs(source: Path, params: Params) -> None:
         )
     root = params.data.image_root
     if root and not Path(root).is_dir():
+        kind = "a file" if Path(root).exists() else "not found"
         raise StageError(
-            f"`data.image_root` is {root!r}, which is not a folder. Set it to the folder that relative "
+            f"`data.image_root` is {root!r}, which is {kind}, not a folder. Set it to the folder that relative "
             "`image.path` values resolve against, or to an empty string when every path is a URL."
         )
 

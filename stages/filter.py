@@ -264,6 +264,8 @@ class Task:
 
 def list_shards(in_dir: Path) -> list[tuple[int, Path, Path]]:
     """Return ``(index, manifest, tar)`` for every download shard, in shard order."""
+    if in_dir.is_file():
+        raise StageError(f"{in_dir}: is a file, not the download stage's output folder; rerun dvc repro download.")
     if not in_dir.is_dir():
         raise StageError(f"{in_dir}: input folder not found; run the download stage first (dvc repro download).")
     shards = []

@@ -121,6 +121,8 @@ class ManifestWriter:
 
 def list_parts(folder: Path, producer: str) -> list[Path]:
     """Return the ``part-*.parquet`` files of ``folder`` in name order; raise StageError if there are none."""
+    if folder.is_file():
+        raise StageError(f"{folder}: is a file, not the {producer} stage's output folder; rerun dvc repro {producer}.")
     if not folder.is_dir():
         raise StageError(f"{folder}: input folder not found; run the {producer} stage first (dvc repro {producer}).")
     parts = sorted(folder.glob("part-*.parquet"))

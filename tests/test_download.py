@@ -711,6 +711,18 @@ def test_missing_source_fails(tmp_path: Path) -> None:
         run(tmp_path / "nothing.jsonl", tmp_path / "out", make_params(), tmp_path / "metrics.json")
 
 
+def test_folder_source_fails(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    with pytest.raises(StageError, match=r"data: is a folder, not a file\. Set `data.source`"):
+        run(tmp_path / "data", tmp_path / "out", make_params(), tmp_path / "metrics.json")
+
+
+def test_file_image_root_fails(tmp_path: Path) -> None:
+    source = write_source(tmp_path / "source.jsonl", ["a.jpg"])
+    with pytest.raises(StageError, match="`data.image_root` is .*which is a file, not a folder"):
+        run(source, tmp_path / "out", make_params(image_root=str(source)), tmp_path / "metrics.json")
+
+
 def test_empty_source_fails(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_bytes(b"")
     with pytest.raises(StageError, match="no lines to read"):
@@ -719,7 +731,7 @@ def test_empty_source_fails(tmp_path: Path) -> None:
 
 def test_missing_image_root_fails(tmp_path: Path) -> None:
     source = write_source(tmp_path / "source.jsonl", ["a.jpg"])
-    with pytest.raises(StageError, match="`data.image_root` is .*which is not a folder"):
+    with pytest.raises(StageError, match="`data.image_root` is .*which is not found, not a folder"):
         run(source, tmp_path / "out", make_params(image_root=str(tmp_path / "nope")), tmp_path / "metrics.json")
 
 

@@ -336,6 +336,9 @@ def test_missing_input_names_stage(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(StageError, match="no shard-"):
         run_filter(tmp_path / "empty", tmp_path / "out", PARAMS, tmp_path / "m.json")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StageError, match="file: is a file, not the download stage's output folder"):
+        run_filter(tmp_path / "file", tmp_path / "out", PARAMS, tmp_path / "m.json")
 
 
 def test_missing_tar_member_raises(tmp_path: Path) -> None:

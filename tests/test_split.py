@@ -241,6 +241,10 @@ def test_outputs_and_metrics(tmp_path: Path) -> None:
 def test_missing_input_names_convert(tmp_path: Path) -> None:
     with pytest.raises(StageError, match=r"run the convert stage first"):
         run_split(tmp_path / "nothing", tmp_path / "out", SplitParams(), 10, tmp_path / "m.json")
+    (tmp_path / "converted").mkdir()
+    (tmp_path / "converted" / "samples").write_text("")
+    with pytest.raises(StageError, match=r"samples: is a file, not the convert stage's output folder"):
+        run_split(tmp_path / "converted", tmp_path / "out", SplitParams(), 10, tmp_path / "m.json")
 
 
 def test_main_reads_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
