@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 pytest_plugins = ["tests.conftest_http"]
 # Deploy-side fixtures: the sshd board stand-in, a board checkpoint, a tiny test split.
 pytest_plugins.append("tests.board_plugin")
+# End-to-end fixtures: one full `dvc repro` in a temporary copy of the repository, shared by the e2e tests.
+pytest_plugins.append("tests.e2e_plugin")
 
 
 @pytest.fixture(autouse=True)
