@@ -386,6 +386,47 @@ def test_sample_drops_as_documented(tmp_path: Path) -> None:
     assert dropped == {4: "truncated", 15: "too small", 24: "aspect ratio", 29: "duplicate"}
 
 
+def png_from_stream(width: int, height: int, stream: bytes, colour_type: int = 2, interlace: int = 0) -> bytes:
+    """Return an 8-bit PNG whose IDAT is ``stream`` (filter bytes and pixels) compressed as one zlib stream."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, interlace)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(stream)) + chunk(
+        b"IEND", b""
+    )
+
+
+def rows_of(columns: int, rows: int, channels: int = 3) -> bytes:
+    """Return ``rows`` unfiltered rows of grey pixels, each with its filter byte."""
+    return (b"\0" + bytes([90]) * (columns * channels)) * rows
+
+
+def test_png_short_image_data_truncated() -> None:
+    # The zlib stream ends cleanly after 50 of 100 rows; Pillow alone fills the rest with black.
+    result = normalise_image(png_from_stream(100, 100, rows_of(100, 50)), PARAMS)
+    assert result.reason == "truncated"
+    assert result.detail == "PNG image data ends after 15050 of 30100 bytes; the missing rows would be black"
+
+
+def test_png_complete_image_data_kept() -> None:
+    assert normalise_image(png_from_stream(100, 100, rows_of(100, 100)), PARAMS).reason is None
+    assert normalise_image(png_from_stream(40, 30, rows_of(40, 30, 2), colour_type=4), PARAMS).reason is None
+    for image in (Image.new("P", (50, 40)), Image.new("1", (50, 40)), Image.new("I;16", (50, 40)),
+                  Image.new("RGBA", (50, 40)), Image.new("LA", (50, 40))):
+        assert normalise_image(encode(image, "PNG"), PARAMS).reason is None, image.mode
+
+
+def test_png_interlaced_rows_counted() -> None:
+    # The 7 Adam7 passes of a 32x32 image, as (columns, rows).
+    passes = [(4, 4), (4, 4), (8, 4), (8, 8), (16, 8), (16, 16), (32, 16)]
+    stream = b"".join(rows_of(columns, rows) for columns, rows in passes)
+    assert normalise_image(png_from_stream(32, 32, stream, interlace=1), PARAMS).reason is None
+    short = png_from_stream(32, 32, stream[: -len(rows_of(32, 2))], interlace=1)
+    assert normalise_image(short, PARAMS).reason == "truncated"
+
+
 def test_failed_write_names_part(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     images = [encode(Image.fromarray(rng.integers(0, 255, (120, 120, 3), dtype=np.uint8)), "PNG") for _ in range(8)]
