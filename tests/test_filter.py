@@ -407,11 +407,13 @@ def test_png_short_image_data_truncated() -> None:
     # The zlib stream ends cleanly after 50 of 100 rows; Pillow alone fills the rest with black.
     result = normalise_image(png_from_stream(100, 100, rows_of(100, 50)), PARAMS)
     assert result.reason == "truncated"
-    assert result.detail == "PNG image data ends after 15050 of 30100 bytes; the missing rows would be black"
+    assert result.detail == "PNG image data ends after 15050 of 30100 bytes; Pillow would fill the missing rows with zeros"
 
 
 def test_png_complete_image_data_kept() -> None:
     assert normalise_image(png_from_stream(100, 100, rows_of(100, 100)), PARAMS).reason is None
+    black = (b"\0" + bytes(300)) * 100  # zero rows at the bottom, as missing rows would be, but complete
+    assert normalise_image(png_from_stream(100, 100, black), PARAMS).reason is None
     assert normalise_image(png_from_stream(40, 30, rows_of(40, 30, 2), colour_type=4), PARAMS).reason is None
     for image in (Image.new("P", (50, 40)), Image.new("1", (50, 40)), Image.new("I;16", (50, 40)),
                   Image.new("RGBA", (50, 40)), Image.new("LA", (50, 40))):
