@@ -190,8 +190,8 @@ def _read_pax(tar_path: Path) -> dict[str, str]:
     """Return the global PAX header of a shard tar, or {} when the tar is missing or has none.
 
     The header is read directly, because tarfile.open rejects a tar that
-    holds a global header and no member ("end of file header"), which is
-    what a shard where every line was dropped looks like.
+    contains a global header and no member ("end of file header"). A shard
+    where every line was dropped is such a tar.
     """
     try:
         with open(tar_path, "rb") as handle:

@@ -183,7 +183,8 @@ def _normalise(data: bytes, sha256: str, params: FilterParams) -> ImageResult:
         image.load()
         # Inflating the data again costs about as much as the decode, so it
         # runs only when one of the last two rows is all zeros, as missing
-        # rows are (the last row of interlaced data can come from an earlier pass).
+        # rows are. Two rows, because in interlaced data the last row can
+        # come from an earlier pass than the row above it.
         if image.format == "PNG" and _has_zero_row_at_bottom(image):
             missing = png_data_missing(data)
             if missing is not None:
