@@ -281,7 +281,7 @@ def connects(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
 
 def _resolve_to(monkeypatch: pytest.MonkeyPatch, names: dict[str, str]) -> None:
-    """Make getaddrinfo answer ``names`` (host -> IPv4 address) without asking a resolver."""
+    """Make getaddrinfo return ``names`` (host -> IPv4 address) without querying a resolver."""
     original = socket.getaddrinfo
 
     def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:

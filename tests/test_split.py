@@ -267,7 +267,7 @@ def test_failed_write_names_part(tmp_path: Path) -> None:
     write_converted(tmp_path / "converted", samples)
     (tmp_path / "params.yaml").write_text("split:\n  test_size: 2\n")
 
-    # The input already holds 200 KB, so a limit of 100 KB stops the larger train part.
+    # Eight train rows of 20 KB make a part of about 160 KB, above the 100 KB limit.
     result = run_with_file_size_limit(["-m", "stages.split", "converted", "dataset"], tmp_path, 100 * 1024)
 
     assert result.returncode == 1
