@@ -43,7 +43,7 @@ def test_adapter_config_and_metrics(trained_adapter_dir: Path) -> None:
     assert ran["lora_rank"] == 4
     assert ran["max_steps"] == 4
     assert ran["seed"] == 7
-    assert ran["cutoff_len"] == 1024
+    assert ran["cutoff_len"] == ConvertParams().cutoff_len
     assert ran["image_max_pixels"] == 589_824
     assert ran["output_dir"] == str(trained_adapter_dir)
     assert ran["dataset"] == "silu_train"
