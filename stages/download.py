@@ -88,12 +88,11 @@ PAX_SHARD_KEY = "SILU.shard_key"
 PAX_PARAMS_KEY = "SILU.params_key"
 JOURNAL = "journal.jsonl"
 # Shards whose fetches may be in flight at once: the oldest can still wait
-# for a slow image while the next ones keep the workers busy.
-# NOTE: a shard stays open until its slowest URL ends. So when some URLs
-# hang until the deadline, about (MAX_OPEN_SHARDS - 1) * shard_size lines
-# at most pass per deadline, however many workers there are. That is an
-# estimate of 130 URLs/s at 2000 lines and 30 s, not measured.
-MAX_OPEN_SHARDS = 3
+# for a slow image while the next ones keep the workers busy. A shard stays
+# open until its slowest URL ends, so URLs that hang until the deadline cap
+# throughput near (MAX_OPEN_SHARDS - 1) * shard_size lines per deadline (an
+# estimate). Each open shard keeps about 2 KB per line in memory.
+MAX_OPEN_SHARDS = 8
 
 
 # --------------------------------------------------------------------------- results
