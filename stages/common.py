@@ -160,3 +160,45 @@ class RateLogger:
             counter.kept,
             sum(counter.dropped.values()),
         )
+
+
+# Trainer fields that record wall-clock time. Two runs of one config would hash
+# differently because of them, so the train and evaluate stages drop them from
+# their outputs. DVCLive still logs the training run time to the DVC metrics.
+WALL_CLOCK_KEYS = frozenset(
+    {
+        "train_runtime",
+        "train_samples_per_second",
+        "train_steps_per_second",
+        "predict_runtime",
+        "predict_samples_per_second",
+        "predict_steps_per_second",
+        "elapsed_time",
+        "remaining_time",
+    }
+)
+
+
+def _without_wall_clock(entry: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in entry.items() if key not in WALL_CLOCK_KEYS}
+
+
+def drop_wall_clock(out_dir: Path) -> None:
+    """Remove wall-clock fields from the HF Trainer's result and log files, so equal runs give equal bytes."""
+    for name in ("all_results.json", "train_results.json", "predict_results.json"):
+        path = out_dir / name
+        if path.is_file():
+            results = _without_wall_clock(json.loads(path.read_text(encoding="utf-8")))
+            path.write_text(json.dumps(results, indent=4, sort_keys=True) + "\n", encoding="utf-8")
+
+    state_path = out_dir / "trainer_state.json"
+    if state_path.is_file():
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        state["log_history"] = [_without_wall_clock(entry) for entry in state.get("log_history", [])]
+        state_path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    log_path = out_dir / "trainer_log.jsonl"
+    if log_path.is_file():
+        entries = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [json.dumps(_without_wall_clock(entry), ensure_ascii=False) + "\n" for entry in entries]
+        log_path.write_text("".join(lines), encoding="utf-8")

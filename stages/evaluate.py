@@ -45,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from stages.common import StageError, atomic_path, get_logger, write_json
+from stages.common import StageError, atomic_path, drop_wall_clock, get_logger, write_json
 from stages.config import Params, ParamsError, load_params
 
 log = get_logger(__name__)
@@ -219,6 +219,7 @@ def predict(config: dict[str, Any], samples: list[dict[str, Any]], final_dir: Pa
         run_exp(dict(config))
     except ValueError as exc:
         raise StageError(f"LLaMA-Factory prediction with {config['model_name_or_path']} failed: {exc}") from exc
+    drop_wall_clock(out_dir)
     path = out_dir / "generated_predictions.jsonl"
     lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if len(lines) != len(samples):

@@ -47,7 +47,7 @@ from typing import Any
 
 import yaml
 
-from stages.common import StageError, get_logger
+from stages.common import StageError, drop_wall_clock, get_logger
 from stages.config import ConvertParams, Params, ParamsError, TrainParams, load_params
 
 log = get_logger(__name__)
@@ -436,39 +436,6 @@ def _normalise_adapter_config(out_dir: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-# Trainer fields that record wall-clock time. Two runs of one config would hash
-# differently because of them, so they are dropped from the adapter folder.
-# DVCLive still logs the run time to the DVC metrics (train.runtime).
-WALL_CLOCK_KEYS = frozenset(
-    {"train_runtime", "train_samples_per_second", "train_steps_per_second", "elapsed_time", "remaining_time"}
-)
-
-
-def _without_wall_clock(entry: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in entry.items() if key not in WALL_CLOCK_KEYS}
-
-
-def _drop_wall_clock(out_dir: Path) -> None:
-    """Remove the wall-clock fields from the trainer's result and log files, so equal runs give equal bytes."""
-    for name in ("all_results.json", "train_results.json"):
-        path = out_dir / name
-        if path.is_file():
-            results = _without_wall_clock(json.loads(path.read_text(encoding="utf-8")))
-            path.write_text(json.dumps(results, indent=4, sort_keys=True) + "\n", encoding="utf-8")
-
-    state_path = out_dir / "trainer_state.json"
-    if state_path.is_file():
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-        state["log_history"] = [_without_wall_clock(entry) for entry in state.get("log_history", [])]
-        state_path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-    log_path = out_dir / "trainer_log.jsonl"
-    if log_path.is_file():
-        entries = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        lines = [json.dumps(_without_wall_clock(entry), ensure_ascii=False) + "\n" for entry in entries]
-        log_path.write_text("".join(lines), encoding="utf-8")
-
-
 def train(
     params: Params, dataset_dir: str | Path, base_dir: str | Path, out_dir: str | Path, metrics_dir: str | Path
 ) -> Path:
@@ -511,7 +478,7 @@ def train(
                 if not (out_dir / name).is_file():
                     raise StageError(f"{out_dir}/{name} not found after training; see the LLaMA-Factory log above.")
             _normalise_adapter_config(out_dir)
-            _drop_wall_clock(out_dir)
+            drop_wall_clock(out_dir)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise

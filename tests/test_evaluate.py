@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages import evaluate
+from stages.common import WALL_CLOCK_KEYS
 from tests.model_fixtures import run_stage, write_params
 
 
@@ -74,6 +75,10 @@ def test_evaluate_stage_outputs(tmp_path: Path, tiny_model_dir: Path, tiny_datas
     # Our BLEU-4 is LLaMA-Factory's: it rounds each sample to 4 decimals before averaging, hence the tolerance.
     reported = json.loads((out / "merged" / "predict_results.json").read_text(encoding="utf-8"))
     assert metrics["merged"]["bleu_4"] == pytest.approx(reported["predict_bleu-4"], abs=1e-3)
+    # Wall-clock fields would make the output hash differ between equal runs.
+    for name in ("predict_results.json", "all_results.json"):
+        kept = json.loads((out / "merged" / name).read_text(encoding="utf-8"))
+        assert not set(kept) & WALL_CLOCK_KEYS, name
     ran = (out / "merged" / evaluate.CONFIG_NAME).read_text(encoding="utf-8")
     assert "do_sample: false" in ran
     assert f"output_dir: {out / 'merged'}" in ran
