@@ -27,9 +27,8 @@ check them but written unchanged), no EXIF extraction,
 img2dataset decodes every image with OpenCV, which our download stage
 leaves to the filter stage.
 
-Both tools must keep the same URLs; the script lists every URL that one
-kept and the other did not, with its fault kind, and exits 1 on a
-difference.
+Both tools must keep the same URLs. On a difference the script lists every
+URL that one kept and the other did not, with its fault kind, and exits 1.
 """
 
 from __future__ import annotations

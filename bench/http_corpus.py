@@ -10,10 +10,11 @@ under the client's GIL. The server is a plain asyncio protocol with HTTP/1.1
 keep-alive. It serves only the paths it generated and never connects out.
 
 URL ``i`` gets one fault kind from :data:`MIXES`, fixed by ``--seed``. In
-the ``web`` mix 30% of the URLs work and 70% fail: 404, 403, 410 and 5xx
-statuses, HTML error pages served with status 200 (as ``text/html`` and as
-``image/jpeg``), connection resets, bodies cut short, empty bodies, and
-requests that get no response until the client times out. Some working URLs
+the ``web`` mix 30% of the URLs work and 70% fail. The failures are 404,
+403, 410 and 5xx statuses, and HTML error pages served with status 200 (as
+``text/html`` and as ``image/jpeg``). Others are connection resets, bodies
+cut short, empty bodies, and requests that get no response until the
+client times out. Some working URLs
 respond after a delay of 0.5-2 s, redirect once, or fail with a 503 on the
 first request only. img2dataset stats files published with CC3M, CC12M
 and LAION subsets on Hugging Face show 404 as the most common failure and
