@@ -307,6 +307,18 @@ class DeployParams:
     def __post_init__(self) -> None:
         if not self.host:
             raise ParamsError("`deploy.host` is empty; set the board address (127.0.0.1 for the stand-in).")
+        # Remote paths travel shell-quoted, so the board's shell never expands `~` in them.
+        for key, value in (("deploy.remote_dir", self.remote_dir), ("deploy.python", self.python)):
+            if value.startswith("~"):
+                raise ParamsError(
+                    f"`{key}` is {value!r}; the board does not expand `~` in quoted paths, so write the "
+                    "absolute path (for example /home/HwHiAiUser/...)."
+                )
+        if self.remote_dir and not self.remote_dir.startswith("/"):
+            raise ParamsError(
+                f"`deploy.remote_dir` is {self.remote_dir!r}; write an absolute path on the board, "
+                "such as /home/HwHiAiUser/silu."
+            )
         if not 1 <= self.port <= 65535:
             raise ParamsError(f"`deploy.port` is {self.port}; use 1-65535.")
         _check_min("deploy.samples", self.samples, 1)
@@ -354,6 +366,9 @@ def _check_fraction(key: str, value: float) -> None:
         raise ParamsError(f"`{key}` is {value}; it must be between 0 and 1.")
 
 
+_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a field annotation; return it with ints widened to floats."""
     origin = typing.get_origin(annotation)
@@ -376,11 +391,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             raise ParamsError(f"`{key}` is {value!r}; expected a whole number.")
         return value
     if annotation is float:
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
+            # PyYAML follows YAML 1.1, where a float needs a dot, so it reads `5e-05` (which
+            # `dvc exp run -S train.learning_rate=5e-5` writes) as a string. YAML 1.2 and DVC read a float.
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            hint = ""
-            if isinstance(value, str) and "e" in value.lower():
-                hint = " YAML reads `1e-4` as a string: write `1.0e-4`."
-            raise ParamsError(f"`{key}` is {value!r}; expected a number.{hint}")
+            raise ParamsError(f"`{key}` is {value!r}; expected a number.")
         # YAML reads .nan and .inf as floats, and every range check below passes NaN.
         if not math.isfinite(value):
             raise ParamsError(f"`{key}` is {value!r}; expected a finite number.")

@@ -53,7 +53,10 @@ def test_unknown_section_rejected() -> None:
     ("section", "key", "value", "fragment"),
     [
         ("train", "epochs", "three", "expected a number"),
-        ("train", "learning_rate", "1e-4", "write `1.0e-4`"),
+        ("train", "learning_rate", "1.0e-4x", "expected a number"),
+        ("deploy", "remote_dir", "~/silu", "absolute path"),
+        ("deploy", "remote_dir", "silu", "absolute path"),
+        ("deploy", "python", "~/venv/bin/python", "does not expand"),
         ("train", "lora_rank", 8.5, "expected a whole number"),
         ("train", "freeze_vision_tower", "yes", "expected true or false"),
         ("train", "precision", "fp8", "expected one of"),
@@ -141,3 +144,17 @@ def test_unknown_key_names_file_once(tmp_path: Path) -> None:
     with pytest.raises(ParamsError) as err:
         load_params(bad)
     assert str(err.value).count("params.yaml") == 1
+
+
+@pytest.mark.parametrize("text", ["5e-05", "1e-4", "1.0e-5", "+2E+3", ".5"])
+def test_exponent_float_strings_accepted(text: str) -> None:
+    # `dvc exp run -S train.learning_rate=5e-5` writes 5e-05, which PyYAML reads as a string.
+    params = parse_params(_params(train={"learning_rate": text}))
+    assert params.train.learning_rate == pytest.approx(float(text))
+
+
+def test_dvc_written_learning_rate_loads(tmp_path: Path) -> None:
+    text = (REPO / "params.yaml").read_text(encoding="utf-8").replace("learning_rate: 1.0e-4", "learning_rate: 5e-05")
+    written = tmp_path / "params.yaml"
+    written.write_text(text, encoding="utf-8")
+    assert load_params(written).train.learning_rate == pytest.approx(5e-05)
