@@ -80,5 +80,6 @@ quality: install ## Check the code without changing it
 	$(BIN)/ruff check stages deploy tests bench
 	$(BIN)/python -m stages.config params.yaml
 
-clean: board-stop ## Remove pipeline outputs (not the venvs or the DVC cache)
-	rm -rf data/downloaded data/filtered data/converted data/dataset data/eval data/deploy models/base models/adapter models/merged models/board metrics dvclive .board
+# .board/ stays: docs/board.md keeps a real board's checked known_hosts there too.
+clean: board-stop ## Remove pipeline outputs (not the venvs, the DVC cache or .board/)
+	rm -rf data/downloaded data/filtered data/converted data/dataset data/eval data/deploy models/base models/adapter models/merged models/board metrics dvclive
