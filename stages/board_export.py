@@ -32,8 +32,10 @@ these fixes; the input folder is never changed:
    ``visual.*`` by rewriting only the file header; files already in the old
    layout are copied unchanged.
 
-A checkpoint already in the old formats passes through unchanged. The stage
-then checks the output (sizes in ``config.json`` equal the input's text
+Before copying, every safetensors file and the shard index are checked
+(:mod:`stages.weights`), so a truncated or missing shard fails here, not on
+the board after the upload. A checkpoint already in the old formats passes
+through unchanged. The stage then checks the output (sizes in ``config.json`` equal the input's text
 settings, merges are strings, pixel limits present) and records what it
 changed in ``models/board/board_export.json``. Loading the result with
 MindNLP itself happens in the tests (``tests/test_board_export.py``), which
@@ -51,6 +53,7 @@ from typing import Any
 
 from stages.common import StageError, atomic_path, get_logger
 from stages.config import ParamsError, load_params
+from stages.weights import INDEX_NAME, check_weights
 
 log = get_logger(__name__)
 
@@ -60,6 +63,7 @@ DEFAULT_MIN_PIXELS = 56 * 56
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 WEIGHT_RENAMES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 COPY_CHUNK = 16 << 20
+REMERGE_FIX = "Rebuild the merged weights with `dvc repro -f merge`."
 
 
 def _read_json(path: Path) -> Any:
@@ -241,10 +245,12 @@ def copy_weights(src_dir: Path, dest_dir: Path) -> list[str]:
     shards = sorted(src_dir.glob("*.safetensors"))
     if not shards:
         raise StageError(f"{src_dir}: no *.safetensors weights; the board needs the merged weights in safetensors.")
+    # A broken file would otherwise be found only on the board, after the whole upload.
+    check_weights(src_dir, REMERGE_FIX)
     total = 0
     for shard in shards:
         total += rename_weights(shard, dest_dir / shard.name)
-    index = src_dir / "model.safetensors.index.json"
+    index = src_dir / INDEX_NAME
     if index.exists():
         data = _read_json(index)
         data["weight_map"] = {_renamed(k): v for k, v in data.get("weight_map", {}).items()}
@@ -288,7 +294,7 @@ def export(src: Path, dest: Path) -> list[str]:
     with atomic_path(dest) as out:
         out.mkdir()
         for path in sorted(src.iterdir()):
-            if path.is_file() and not path.name.endswith(".safetensors") and path.name != "model.safetensors.index.json":
+            if path.is_file() and not path.name.endswith(".safetensors") and path.name != INDEX_NAME:
                 shutil.copyfile(path, out / path.name)
         changes = copy_weights(src, out)
         changes += fix_tokenizer(out / "tokenizer.json")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -104,6 +106,88 @@ def test_merge_with_space_rejected(tiny_model_dir: Path, tmp_path: Path) -> None
     with pytest.raises(StageError, match="contains a space"):
         export(merged, tmp_path / "board")
     assert not (tmp_path / "board").exists()
+
+
+def _truncate_half(shard: Path) -> None:
+    with shard.open("r+b") as handle:
+        handle.truncate(shard.stat().st_size // 2)
+
+
+def _append_byte(shard: Path) -> None:
+    with shard.open("ab") as handle:
+        handle.write(b"\0")
+
+
+def _garble_header(shard: Path) -> None:
+    data = bytearray(shard.read_bytes())
+    data[8] = ord("#")
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        _truncate_half,
+        _append_byte,
+        _garble_header,
+        lambda shard: shard.write_bytes(b"\0" * 5),
+        lambda shard: shard.write_bytes(struct.pack("<Q", 1 << 40)),
+    ],
+    ids=["truncated", "trailing-byte", "header-not-json", "5-bytes", "header-past-end"],
+)
+def test_broken_shard_rejected(corrupt, tiny_model_dir: Path, tmp_path: Path) -> None:
+    merged = tmp_path / "merged"
+    shutil.copytree(tiny_model_dir, merged)
+    corrupt(merged / "model.safetensors")
+
+    with pytest.raises(StageError, match="model.safetensors: invalid safetensors file") as caught:
+        export(merged, tmp_path / "board")
+    assert "dvc repro -f merge" in str(caught.value)
+    assert not (tmp_path / "board").exists()
+
+
+def _split_into_index(merged: Path, second_shard: str) -> None:
+    """Rename the weights to a first shard and write an index mapping every other tensor to ``second_shard``."""
+    first = merged / "model-00001-of-00002.safetensors"
+    (merged / "model.safetensors").rename(first)
+    with first.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        names = [name for name in json.loads(handle.read(length)) if name != "__metadata__"]
+    weight_map = {name: first.name if i % 2 == 0 else second_shard for i, name in enumerate(names)}
+    (merged / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_index_missing_shard_rejected(tiny_model_dir: Path, tmp_path: Path) -> None:
+    merged = tmp_path / "merged"
+    shutil.copytree(tiny_model_dir, merged)
+    _split_into_index(merged, "model-00002-of-00002.safetensors")
+
+    with pytest.raises(StageError, match="model-00002-of-00002.safetensors, which is not found") as caught:
+        export(merged, tmp_path / "board")
+    assert "dvc repro -f merge" in str(caught.value)
+    assert not (tmp_path / "board").exists()
+
+
+def test_index_tensor_not_in_shard_rejected(tiny_model_dir: Path, tmp_path: Path) -> None:
+    merged = tmp_path / "merged"
+    shutil.copytree(tiny_model_dir, merged)
+    # The second shard exists but contains none of the tensors the index maps to it.
+    empty = json.dumps({"__metadata__": {"format": "pt"}}).encode()
+    (merged / "model-00002-of-00002.safetensors").write_bytes(struct.pack("<Q", len(empty)) + empty)
+    _split_into_index(merged, "model-00002-of-00002.safetensors")
+
+    with pytest.raises(StageError, match="model-00002-of-00002.safetensors, which does not contain it"):
+        export(merged, tmp_path / "board")
+
+
+def test_sharded_export_passes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    merged = tmp_path / "merged"
+    shutil.copytree(tiny_model_dir, merged)
+    _split_into_index(merged, "model-00001-of-00002.safetensors")
+
+    export(merged, tmp_path / "board")
+
+    assert (tmp_path / "board" / "model-00001-of-00002.safetensors").is_file()
 
 
 def test_export_cli_reports_missing_input(tmp_path: Path) -> None:
