@@ -12,6 +12,10 @@ The source is ``base.source`` in params.yaml:
 - ``local``: a copy of ``base.local_path`` after checking that it is a
   Qwen2-VL checkpoint.
 
+Every source is checked the same way: a Qwen2-VL config, a tokenizer, an
+image processor, and safetensors files and shard index that are complete
+(:mod:`stages.weights`).
+
 Run (CPU, a few seconds)::
 
     python -m stages.base models/base
@@ -35,6 +39,7 @@ from pathlib import Path
 
 from stages.common import StageError, atomic_path, get_logger
 from stages.config import BaseParams, ParamsError, load_params
+from stages.weights import check_weights
 
 log = get_logger(__name__)
 
@@ -284,7 +289,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
 
 
 def check_checkpoint(folder: Path, origin: str) -> None:
-    """Raise :class:`StageError` unless ``folder`` contains a Qwen2-VL checkpoint with its processor."""
+    """Raise :class:`StageError` unless ``folder`` contains a Qwen2-VL checkpoint with its processor and valid weights."""
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise StageError(f"{origin}: {config_path} not found; the folder is not a Hugging Face checkpoint.")
@@ -310,6 +315,8 @@ def check_checkpoint(folder: Path, origin: str) -> None:
     missing = [name for name, present in required.items() if not present]
     if missing:
         raise StageError(f"{origin}: {folder} has no {', no '.join(missing)}; use a complete Qwen2-VL checkpoint.")
+    # Truncated or missing shards would otherwise fail only at train, after convert has run.
+    check_weights(folder, f"The checkpoint from {origin} is incomplete; copy or download it again.")
 
 
 def _copy_checkpoint(src: Path, dest: Path) -> None:

@@ -201,3 +201,51 @@ def test_local_rejects_missing_processor(tmp_path: Path, tiny_model_dir: Path) -
 
     with pytest.raises(StageError, match=r"has no image processor"):
         base.materialise(base.BaseParams(source="local", local_path=str(partial)), tmp_path / "base")
+
+
+def _truncate_weights(folder: Path) -> None:
+    with (folder / "model.safetensors").open("r+b") as handle:
+        handle.truncate(1000)
+
+
+def _index_missing_shard(folder: Path) -> None:
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (_truncate_weights, "model.safetensors: invalid safetensors file"),
+        (_index_missing_shard, "model-00002-of-00002.safetensors, which is not found"),
+    ],
+    ids=["truncated", "index-missing-shard"],
+)
+def test_local_rejects_broken_weights(tmp_path: Path, tiny_model_dir: Path, corrupt, message: str) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    corrupt(broken)
+
+    with pytest.raises(StageError, match=message) as caught:
+        base.materialise(base.BaseParams(source="local", local_path=str(broken)), tmp_path / "base")
+    assert "base.local_path" in str(caught.value)
+    assert "copy or download it again" in str(caught.value)
+    assert not (tmp_path / "base").exists()
+
+
+def test_hub_rejects_truncated_weights(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    def fake_snapshot_download(model_id: str, revision: str, local_dir: str) -> str:
+        # Stands in for a download that stopped partway through the weights.
+        shutil.copytree(tiny_model_dir, local_dir)
+        _truncate_weights(Path(local_dir))
+        return local_dir
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    params = base.BaseParams(source="huggingface", model_id="Qwen/Qwen2-VL-2B-Instruct", revision="abc123")
+
+    with pytest.raises(StageError, match="model.safetensors: invalid safetensors file") as caught:
+        base.materialise(params, tmp_path / "base")
+    assert "base.source huggingface" in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
