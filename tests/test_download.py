@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import random
 import re
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -644,7 +646,17 @@ def test_resume_after_kill(server: LoopbackServer, tmp_path: Path, stop: signal.
     urls = [server.add_image(f"kill{i}.jpg", make_image(60 + i, 40)) for i in range(30)]
     source = write_source(tmp_path / "source.jsonl", urls)
     params_file = _write_params_file(tmp_path / "params.yaml", workers=2, shard_size=8)
-    server.on_request = lambda path: time.sleep(0.05)
+    # Requests after the 12th wait for the signal, so a loaded machine cannot let the
+    # stage finish between the last check and the kill.
+    served = itertools.count()
+    release = threading.Event()
+
+    def hold(path: str) -> None:
+        time.sleep(0.05)
+        if next(served) >= 12:
+            release.wait(30)
+
+    server.on_request = hold
     out = tmp_path / "out"
     command = [sys.executable, "-m", "stages.download", str(source), str(out), "--params", str(params_file),
                "--metrics", str(tmp_path / "metrics.json")]
@@ -655,8 +667,10 @@ def test_resume_after_kill(server: LoopbackServer, tmp_path: Path, stop: signal.
             time.sleep(0.02)
         assert process.poll() is None, "the stage finished before it could be killed"
         process.send_signal(stop)
+        release.set()
         stderr = process.communicate(timeout=10)[1].decode()
     finally:
+        release.set()
         if process.poll() is None:
             process.kill()
         process.stderr.close()  # type: ignore[union-attr]
