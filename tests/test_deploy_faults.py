@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -360,6 +361,9 @@ class _NoExitStatusServer(paramiko.ServerInterface):
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
         def reply() -> None:
+            # paramiko sends the exec reply only after this method returns; closing the
+            # channel before it would fail the client at exec time instead of at exit status.
+            time.sleep(0.5)
             channel.sendall(b"partial output\n")
             channel.sendall_stderr(b"board process crashed\n")
             channel.shutdown_write()
