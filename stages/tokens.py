@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.common import StageError
+from stages.templates import check_template
 
 
 class _SizeOnlyImage:
@@ -63,6 +64,7 @@ class TokenCounter:
     """Token counts of single-image ShareGPT samples under one model, template and pixel limits."""
 
     def __init__(self, model_dir: str | Path, template: str, image_max_pixels: int, image_min_pixels: int):
+        check_template(template)
         # LLaMA-Factory imports torch and transformers: seconds, so only when counting.
         from llamafactory.data.processor.supervised import SupervisedDatasetProcessor
         from llamafactory.data.template import get_template_and_fix_tokenizer

@@ -21,8 +21,9 @@ Run (tiny model, CPU, about 20 s)::
   afterwards the ``trainer_state.json`` log history is replayed through the
   same ``DVCLiveCallback``.
 
-Before training, the stage rejects a ``convert.cutoff_len`` that is too small
-for the dataset. LLaMA-Factory truncates a longer sample, which can cut
+Before training, the stage rejects a ``train.template`` that LLaMA-Factory
+does not register, and a ``convert.cutoff_len`` that is too small for the
+dataset. LLaMA-Factory truncates a longer sample, which can cut
 through its image tokens, and Qwen2-VL then fails at the first step with
 "Image features and image tokens do not match".
 
@@ -49,6 +50,7 @@ import yaml
 
 from stages.common import StageError, drop_wall_clock, get_logger
 from stages.config import ConvertParams, Params, ParamsError, TrainParams, load_params
+from stages.templates import check_template
 
 log = get_logger(__name__)
 
@@ -443,6 +445,7 @@ def train(
     dataset_dir, base_dir, out_dir, metrics_dir = map(Path, (dataset_dir, base_dir, out_dir, metrics_dir))
     if not (base_dir / "config.json").is_file():
         raise StageError(f"{base_dir}/config.json not found; run the base stage first (dvc repro base).")
+    check_template(params.train.template)
     if is_distributed(params.train):
         check_launcher(params.train)
     summary = summarise_dataset(dataset_dir, base_dir, params.convert)

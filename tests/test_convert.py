@@ -173,6 +173,18 @@ def test_blank_captions_dropped(tmp_path: Path, base_model: Path) -> None:
     assert result["manifest"][2]["detail"] == "caption before cleaning: '<br/>'"
 
 
+def test_unknown_template_rejected(tmp_path: Path, base_model: Path) -> None:
+    write_filtered(tmp_path / "filtered", [filtered_row(1, "정상 캡션")])
+
+    with pytest.raises(StageError, match=r"`train.template` is 'nonsense'") as caught:
+        run_convert(
+            tmp_path / "filtered", tmp_path / "converted", base_model, ConvertParams(), "ko", "nonsense",
+            tmp_path / "convert.json",
+        )  # fmt: skip
+    assert "qwen2_vl" in str(caught.value)
+    assert not (tmp_path / "converted").exists()
+
+
 def test_other_language_dropped(tmp_path: Path, base_model: Path) -> None:
     result = convert(tmp_path, base_model, [filtered_row(1, "Фото", lang="ru"), filtered_row(2, "사진")])
     assert result["manifest"][0]["reason"] == "other language"

@@ -173,6 +173,19 @@ def test_unknown_train_key_rejected(tmp_path: Path, tiny_model_dir: Path, tiny_d
     assert not (tmp_path / "adapter").exists()
 
 
+def test_unknown_template_rejected(tmp_path: Path, tiny_model_dir: Path, tiny_dataset_dir: Path) -> None:
+    params = write_params(tmp_path / "params.yaml", train={"template": "nonsense"})
+
+    process = run_stage(
+        "train", tiny_dataset_dir, tiny_model_dir, tmp_path / "adapter", "--params", params, check=False
+    )
+
+    assert process.returncode == 1
+    assert "`train.template` is 'nonsense'" in process.stderr
+    assert "qwen2_vl" in process.stderr
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_missing_dataset_info_rejected(tmp_path: Path, tiny_model_dir: Path) -> None:
     params = write_params(tmp_path / "params.yaml")
     (tmp_path / "dataset").mkdir()
