@@ -22,8 +22,8 @@ Run (tiny model, CPU, about 20 s)::
   same ``DVCLiveCallback``.
 
 Before training, the stage rejects a ``train.template`` that LLaMA-Factory
-does not register, and a ``convert.cutoff_len`` that is too small for the
-dataset. LLaMA-Factory truncates a longer sample, which can cut
+does not register, ``train.precision`` bf16 or fp16 without a CUDA device,
+and a ``convert.cutoff_len`` that is too small for the dataset. LLaMA-Factory truncates a longer sample, which can cut
 through its image tokens, and Qwen2-VL then fails at the first step with
 "Image features and image tokens do not match".
 
@@ -372,6 +372,24 @@ def run_in_process(config: dict[str, Any], live) -> None:
         raise StageError(f"LLaMA-Factory failed on {config['output_dir']}/{CONFIG_NAME}: {exc}") from exc
 
 
+def check_precision(train: TrainParams) -> None:
+    """Raise :class:`StageError` when ``train.precision`` is bf16 or fp16 and no CUDA device is available.
+
+    On the CPU, LLaMA-Factory 0.9.5 rejects bf16 with a message about ``use_cpu``,
+    which is not a pipeline param, and trains fp16 without a warning.
+    """
+    if train.precision == "fp32":
+        return
+    import torch
+
+    # NOTE: only CUDA is detected, so bf16/fp16 on an Ascend NPU or Apple MPS machine is rejected too.
+    if not torch.cuda.is_available():
+        raise StageError(
+            f"`train.precision` is {train.precision!r}, but no CUDA device is available "
+            "(torch.cuda.is_available() is False). Set `train.precision: fp32` to train on the CPU."
+        )
+
+
 def _find_tool(name: str) -> str | None:
     beside = Path(sys.executable).parent / name
     return str(beside) if beside.is_file() else shutil.which(name)
@@ -446,6 +464,7 @@ def train(
     if not (base_dir / "config.json").is_file():
         raise StageError(f"{base_dir}/config.json not found; run the base stage first (dvc repro base).")
     check_template(params.train.template)
+    check_precision(params.train)
     if is_distributed(params.train):
         check_launcher(params.train)
     summary = summarise_dataset(dataset_dir, base_dir, params.convert)

@@ -9,11 +9,12 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from stages import train
 from stages.common import StageError
-from stages.config import ConvertParams
+from stages.config import ConvertParams, load_params
 from tests.model_fixtures import run_stage, write_params
 
 
@@ -183,6 +184,35 @@ def test_unknown_template_rejected(tmp_path: Path, tiny_model_dir: Path, tiny_da
     assert process.returncode == 1
     assert "`train.template` is 'nonsense'" in process.stderr
     assert "qwen2_vl" in process.stderr
+    assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_on_cpu_rejected(
+    tmp_path: Path, tiny_model_dir: Path, tiny_dataset_dir: Path, monkeypatch: pytest.MonkeyPatch, precision: str
+) -> None:
+    # Hide any CUDA device, so the check runs the same on a machine with a GPU.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    params = load_params(write_params(tmp_path / "params.yaml", train={"precision": precision}))
+
+    with pytest.raises(StageError, match=f"`train.precision` is '{precision}'") as caught:
+        train.train(params, tiny_dataset_dir, tiny_model_dir, tmp_path / "adapter", tmp_path / "metrics")
+    assert "`train.precision: fp32`" in str(caught.value)
+    assert not (tmp_path / "adapter").exists()
+    assert not (tmp_path / "metrics").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_bf16_cli_on_cpu_rejected(tmp_path: Path, tiny_model_dir: Path, tiny_dataset_dir: Path) -> None:
+    params = write_params(tmp_path / "params.yaml", train={"precision": "bf16"})
+
+    process = run_stage(
+        "train", tiny_dataset_dir, tiny_model_dir, tmp_path / "adapter", "--params", params, check=False
+    )
+
+    assert process.returncode == 1
+    assert "`train.precision` is 'bf16'" in process.stderr
+    assert "use_cpu" not in process.stderr
     assert not (tmp_path / "adapter").exists()
 
 
