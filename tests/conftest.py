@@ -7,8 +7,13 @@ from pathlib import Path
 
 import pytest
 
+# huggingface_hub reads HF_HUB_OFFLINE once, when it is first imported. Test modules import
+# transformers while pytest collects them, before any fixture runs, so set it here as well.
+for _offline in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[_offline] = "1"
+
 # Model-stage fixtures (tiny dataset, trained adapter, merged model), shared across test files.
-from tests.model_fixtures import merged_model_dir, tiny_dataset_dir, trained_adapter_dir  # noqa: F401
+from tests.model_fixtures import merged_model_dir, tiny_dataset_dir, trained_adapter_dir  # noqa: E402, F401
 
 REPO = Path(__file__).resolve().parent.parent
 
