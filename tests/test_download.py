@@ -660,7 +660,15 @@ def test_resume_after_kill(server: LoopbackServer, tmp_path: Path, stop: signal.
     out = tmp_path / "out"
     command = [sys.executable, "-m", "stages.download", str(source), str(out), "--params", str(params_file),
                "--metrics", str(tmp_path / "metrics.json")]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler; restore the default so Ctrl-C reaches the stage under CI too.
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         give_up = time.monotonic() + 20
         while len(_fetched_targets(out)) < 8 and time.monotonic() < give_up and process.poll() is None:
