@@ -282,9 +282,8 @@ def test_dvc_exp_run_changes_steps(tmp_path: Path, tiny_model_dir: Path, tiny_da
     from tests.model_fixtures import REPO
 
     repo = tmp_path / "repo"
-    (repo / "stages").mkdir(parents=True)
-    for name in ("__init__.py", "train.py", "common.py", "config.py"):
-        shutil.copy(REPO / "stages" / name, repo / "stages" / name)
+    # Copy the whole package: train's deps in dvc.yaml name every module it imports.
+    shutil.copytree(REPO / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(tiny_dataset_dir, repo / "data" / "dataset")
     shutil.copytree(tiny_model_dir, repo / "models" / "base")
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
