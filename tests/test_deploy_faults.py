@@ -361,8 +361,8 @@ class _NoExitStatusServer(paramiko.ServerInterface):
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
         def reply() -> None:
-            # paramiko sends the exec reply only after this method returns; closing the
-            # channel before it would fail the client at exec time instead of at exit status.
+            # paramiko sends the exec reply only after this method returns. Closing the channel
+            # before that would fail the client at exec time instead of at the exit status.
             time.sleep(0.5)
             channel.sendall(b"partial output\n")
             channel.sendall_stderr(b"board process crashed\n")

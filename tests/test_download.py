@@ -661,7 +661,7 @@ def test_resume_after_kill(server: LoopbackServer, tmp_path: Path, stop: signal.
     command = [sys.executable, "-m", "stages.download", str(source), str(out), "--params", str(params_file),
                "--metrics", str(tmp_path / "metrics.json")]
     # A shell starts background jobs with SIGINT ignored, and Python then installs no
-    # KeyboardInterrupt handler; restore the default so Ctrl-C reaches the stage under CI too.
+    # KeyboardInterrupt handler. Restoring the default lets Ctrl-C reach the stage under CI too.
     process = subprocess.Popen(
         command,
         cwd=REPO,
